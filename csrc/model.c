@@ -1,0 +1,612 @@
+/* model.c - the DeepSpot network: parameter arena + safetensors loading, and an inference plan
+ * per input shape (ops built once, activations in one arena reused by lifetime).
+ * For inference every BatchNorm that directly follows a convolution is folded into that
+ * convolution's weights, and residual adds and activations are fused as post-ops, so the
+ * whole network is 62 convolutions, 13 BN+ReLU, 6 max-pools and one concat. */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ops.h"
+#include "safetensors.h"
+
+/* ---------------------------------------------------------------- parameters */
+
+typedef struct {
+    char name[96];
+    int ndim;
+    int shape[4];
+    float **slot;
+} param_entry;
+
+#define MAX_PARAM_ENTRIES 512
+
+typedef struct {
+    param_entry entries[MAX_PARAM_ENTRIES];
+    int count;
+} param_table;
+
+static void table_add(param_table *t, float **slot, int ndim, const int *shape, const char *fmt, const char *suffix,
+                      const char *prefix)
+{
+    param_entry *e = &t->entries[t->count++];
+    snprintf(e->name, sizeof e->name, fmt, prefix, suffix);
+    e->ndim = ndim;
+    memcpy(e->shape, shape, (size_t)ndim * sizeof(int));
+    e->slot = slot;
+}
+
+static void table_conv(param_table *t, conv_params *c, const char *prefix, int out, int in, int kernel)
+{
+    c->out_channels = out;
+    c->in_channels = in;
+    c->kernel = kernel;
+    int wshape[4] = {out, in, kernel, kernel}, bshape[1] = {out};
+    table_add(t, &c->weight, 4, wshape, "%s.%s", "weight", prefix);
+    table_add(t, &c->bias, 1, bshape, "%s.%s", "bias", prefix);
+}
+
+static void table_bn(param_table *t, bn_params *b, const char *prefix, int channels)
+{
+    int shape[1] = {channels};
+    b->channels = channels;
+    table_add(t, &b->gamma, 1, shape, "%s.%s", "gamma", prefix);
+    table_add(t, &b->beta, 1, shape, "%s.%s", "beta", prefix);
+    table_add(t, &b->moving_mean, 1, shape, "%s.%s", "moving_mean", prefix);
+    table_add(t, &b->moving_variance, 1, shape, "%s.%s", "moving_variance", prefix);
+}
+
+/* The one place where the architecture's parameter names and shapes are written down. */
+static void params_table(model_params *p, param_table *t)
+{
+    static const char *caso_names[CASO_PATHS] = {"strided", "maxpool", "atrous"};
+    static const int caso_filters[3] = {32, 64, 128};
+    char name[96];
+    t->count = 0;
+    for (int path = 0; path < CASO_PATHS; path++)
+        for (int i = 0; i < 3; i++) {
+            snprintf(name, sizeof name, "caso.%s.conv%d", caso_names[path], i + 1);
+            table_conv(t, &p->caso[path].conv[i], name, caso_filters[i], i ? caso_filters[i - 1] : 1, 3);
+            snprintf(name, sizeof name, "caso.%s.bn%d", caso_names[path], i + 1);
+            table_bn(t, &p->caso[path].bn[i], name, caso_filters[i]);
+        }
+    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
+        int in = b == 0 ? 3 * 128 : 128;
+        for (int i = 0; i < 3; i++) {
+            snprintf(name, sizeof name, "trunk.block%02d.bn%d", b + 1, i + 1);
+            table_bn(t, &p->trunk[b].bn[i], name, i == 0 ? in : 128);
+            snprintf(name, sizeof name, "trunk.block%02d.conv%d", b + 1, i + 1);
+            table_conv(t, &p->trunk[b].conv[i], name, 128, i == 0 ? in : 128, i == 1 ? 3 : 1);
+        }
+        if (b == 0) {
+            table_conv(t, &p->trunk[0].shortcut_conv, "trunk.block01.shortcut.conv", 128, in, 1);
+            table_bn(t, &p->trunk[0].shortcut_bn, "trunk.block01.shortcut.bn", 128);
+        }
+    }
+    static const int up_filters[3][3] = {{256, 128, 128}, {128, 64, 64}, {64, 32, 32}};
+    int in = 128;
+    for (int j = 0; j < 3; j++) {
+        for (int i = 0; i < 3; i++) {
+            snprintf(name, sizeof name, "decoder.up%d.convt%d", j + 1, i + 1);
+            table_conv(t, &p->decoder[j].convt[i], name, up_filters[j][i], i ? up_filters[j][i - 1] : in, 3);
+            snprintf(name, sizeof name, "decoder.up%d.bn%d", j + 1, i + 1);
+            table_bn(t, &p->decoder[j].bn[i], name, up_filters[j][i]);
+        }
+        snprintf(name, sizeof name, "decoder.up%d.shortcut.convt", j + 1);
+        table_conv(t, &p->decoder[j].shortcut_convt, name, up_filters[j][1], in, 3);
+        snprintf(name, sizeof name, "decoder.up%d.shortcut.bn", j + 1);
+        table_bn(t, &p->decoder[j].shortcut_bn, name, up_filters[j][1]);
+        in = up_filters[j][2];
+    }
+    table_conv(t, &p->head, "head.conv", 1, 32, 1);
+}
+
+static size_t entry_count(const param_entry *e)
+{
+    size_t n = 1;
+    for (int i = 0; i < e->ndim; i++)
+        n *= (size_t)e->shape[i];
+    return n;
+}
+
+/* ---------------------------------------------------------------- inference plan */
+
+typedef enum { STEP_CONV, STEP_BN_RELU, STEP_MAXPOOL, STEP_CONCAT } step_kind;
+
+#define PLAN_MAX_STEPS 160
+#define PLAN_MAX_TENSORS 160
+#define PLAN_INPUT 0 /* tensor ids */
+
+typedef struct {
+    step_kind kind;
+    ds_op *op;
+    int inputs[CONCAT_MAX_INPUTS];
+    int n_inputs;
+    int output;
+} plan_step;
+
+typedef struct {
+    size_t floats;
+    int first_step, last_step;
+    size_t offset;
+} plan_tensor;
+
+static const int stage_input_channels[DS_STAGES] = {1, 3 * 128, 128};
+
+typedef struct {
+    int first_stage, last_stage;
+    int batch, height, width; /* of the first stage's input */
+    unsigned long last_used;
+    plan_step steps[PLAN_MAX_STEPS];
+    int n_steps;
+    plan_tensor tensors[PLAN_MAX_TENSORS];
+    int n_tensors;
+    int output;
+    size_t arena_floats; /* activations, placed in the model's shared arena */
+    float *fold_weight, *fold_bias; /* scratch for BN folding while building */
+} plan;
+
+typedef struct {
+    int channels, height, width, id;
+} act;
+
+#define PLAN_CACHE 8
+
+struct ds_model {
+    st_file file;
+    model_params params;
+    float *param_arena;
+    size_t n_params;
+    ds_backend *backend;
+    plan *plans[PLAN_CACHE];
+    unsigned long clock;
+    float *arena; /* activations of whichever plan runs: plans never run concurrently */
+    size_t arena_floats;
+};
+
+static ds_status new_tensor(plan *pl, act *a, int channels, int height, int width)
+{
+    if (pl->n_tensors == PLAN_MAX_TENSORS)
+        return ds_fail(DS_ERR_VALUE, "plan: too many tensors");
+    plan_tensor *t = &pl->tensors[pl->n_tensors];
+    t->floats = (size_t)pl->batch * channels * height * width;
+    t->first_step = pl->n_steps;
+    t->last_step = pl->n_steps;
+    *a = (act){channels, height, width, pl->n_tensors++};
+    return DS_OK;
+}
+
+static ds_status add_step(plan *pl, step_kind kind, ds_op *op, const act *inputs, int n_inputs, const act *output)
+{
+    if (pl->n_steps == PLAN_MAX_STEPS) {
+        op_destroy(op);
+        return ds_fail(DS_ERR_VALUE, "plan: too many steps");
+    }
+    plan_step *s = &pl->steps[pl->n_steps];
+    s->kind = kind;
+    s->op = op;
+    s->n_inputs = n_inputs;
+    for (int i = 0; i < n_inputs; i++) {
+        s->inputs[i] = inputs[i].id;
+        pl->tensors[inputs[i].id].last_step = pl->n_steps;
+    }
+    s->output = output->id;
+    pl->tensors[output->id].last_step = pl->n_steps;
+    pl->n_steps++;
+    return DS_OK;
+}
+
+/* TF 'same' padding: output ceil(in / stride), the odd pixel of padding goes after. */
+static void same_padding(int in, int stride, int span, int *out, int *before, int *after)
+{
+    *out = (in + stride - 1) / stride;
+    int total = (*out - 1) * stride + span - in;
+    if (total < 0)
+        total = 0;
+    *before = total / 2;
+    *after = total - *before;
+}
+
+/* Folds an inference BatchNorm that follows the convolution into its weights (bn may be NULL). */
+static void fold_batchnorm(plan *pl, const conv_params *c, const bn_params *bn)
+{
+    size_t per_out = (size_t)c->in_channels * c->kernel * c->kernel;
+    for (int o = 0; o < c->out_channels; o++) {
+        double scale = 1.0, shift = 0.0;
+        if (bn) {
+            scale = bn->gamma[o] / sqrt((double)bn->moving_variance[o] + DS_BN_EPSILON);
+            shift = bn->beta[o] - bn->moving_mean[o] * scale;
+        }
+        for (size_t i = 0; i < per_out; i++)
+            pl->fold_weight[o * per_out + i] = (float)(c->weight[o * per_out + i] * scale);
+        pl->fold_bias[o] = (float)(c->bias[o] * scale + shift);
+    }
+}
+
+/* Convolution (or transposed convolution) of `in` -> *out with a following BN folded in.
+ * If `accumulate` is set, *out already exists and the result is added to it. */
+static ds_status plan_conv(plan *pl, ds_backend *be, const act *in, act *out, const conv_params *c,
+                           const bn_params *bn, int transposed, int stride, int dilation, unsigned post)
+{
+    conv_desc d = {.transposed = transposed, .batch = pl->batch, .in_channels = in->channels,
+                   .in_height = in->height, .in_width = in->width, .out_channels = c->out_channels,
+                   .kernel = c->kernel, .stride = stride, .dilation = dilation, .post = post};
+    int span = (c->kernel - 1) * dilation + 1;
+    if (transposed) { /* the adjoint of a 'same' convolution with this stride */
+        int unused;
+        d.out_height = in->height * stride;
+        d.out_width = in->width * stride;
+        same_padding(d.out_height, stride, span, &unused, &d.pad_before, &d.pad_after);
+    } else {
+        same_padding(in->height, stride, span, &d.out_height, &d.pad_before, &d.pad_after);
+        same_padding(in->width, stride, span, &d.out_width, &d.pad_before, &d.pad_after);
+    }
+    if (!(post & POST_SUM))
+        DS_TRY(new_tensor(pl, out, c->out_channels, d.out_height, d.out_width));
+    else if (out->channels != d.out_channels || out->height != d.out_height || out->width != d.out_width)
+        return ds_fail(DS_ERR_VALUE, "plan: residual shapes differ");
+    fold_batchnorm(pl, c, bn);
+    ds_op *op;
+    DS_TRY(conv_forward_create(&op, be, &d, pl->fold_weight, pl->fold_bias));
+    return add_step(pl, STEP_CONV, op, in, 1, out);
+}
+
+static ds_status plan_bn_relu(plan *pl, ds_backend *be, const act *in, act *out, const bn_params *bn)
+{
+    ds_op *op;
+    DS_TRY(new_tensor(pl, out, in->channels, in->height, in->width));
+    DS_TRY(batchnorm_relu_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, bn->gamma, bn->beta,
+                                         bn->moving_mean, bn->moving_variance, DS_BN_EPSILON));
+    return add_step(pl, STEP_BN_RELU, op, in, 1, out);
+}
+
+static ds_status plan_maxpool(plan *pl, ds_backend *be, const act *in, act *out)
+{
+    int oh, ow, before, after;
+    same_padding(in->height, 2, 3, &oh, &before, &after);
+    same_padding(in->width, 2, 3, &ow, &before, &after);
+    ds_op *op;
+    DS_TRY(new_tensor(pl, out, in->channels, oh, ow));
+    DS_TRY(maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, 3, 2, before,
+                                  after));
+    return add_step(pl, STEP_MAXPOOL, op, in, 1, out);
+}
+
+/* CASO: three paths from the raw input, concatenated at 1/8 resolution. */
+static ds_status plan_encoder(plan *pl, const model_params *p, ds_backend *be, act x, act *out)
+{
+    act paths[CASO_PATHS], t, u;
+    for (int path = 0; path < CASO_PATHS; path++) {
+        t = x;
+        for (int i = 0; i < 3; i++) {
+            const conv_params *c = &p->caso[path].conv[i];
+            const bn_params *bn = &p->caso[path].bn[i];
+            if (path == CASO_STRIDED) {
+                DS_TRY(plan_conv(pl, be, &t, &u, c, bn, 0, 2, 1, POST_RELU));
+                t = u;
+            } else {
+                DS_TRY(plan_conv(pl, be, &t, &u, c, bn, 0, 1, path == CASO_ATROUS ? 2 : 1, POST_RELU));
+                DS_TRY(plan_maxpool(pl, be, &u, &t));
+            }
+        }
+        paths[path] = t;
+    }
+    int channels[CASO_PATHS] = {paths[0].channels, paths[1].channels, paths[2].channels};
+    ds_op *op;
+    DS_TRY(new_tensor(pl, out, channels[0] + channels[1] + channels[2], paths[0].height, paths[0].width));
+    DS_TRY(concat_forward_create(&op, be, pl->batch, out->height, out->width, CASO_PATHS, channels));
+    return add_step(pl, STEP_CONCAT, op, paths, CASO_PATHS, out);
+}
+
+/* Pre-activation bottlenecks: BN1+ReLU stands alone (its input is also the shortcut), BN2 and
+ * BN3 fold into conv1 and conv2, and conv3 accumulates into the shortcut in place. */
+static ds_status plan_trunk(plan *pl, const model_params *p, ds_backend *be, act trunk, act *out)
+{
+    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
+        act a, h1, h2, sum;
+        DS_TRY(plan_bn_relu(pl, be, &trunk, &a, &p->trunk[b].bn[0]));
+        DS_TRY(plan_conv(pl, be, &a, &h1, &p->trunk[b].conv[0], &p->trunk[b].bn[1], 0, 1, 1, POST_RELU));
+        DS_TRY(plan_conv(pl, be, &h1, &h2, &p->trunk[b].conv[1], &p->trunk[b].bn[2], 0, 1, 1, POST_RELU));
+        if (b == 0)
+            DS_TRY(plan_conv(pl, be, &trunk, &sum, &p->trunk[0].shortcut_conv, &p->trunk[0].shortcut_bn, 0, 1, 1, 0));
+        else
+            sum = trunk;
+        DS_TRY(plan_conv(pl, be, &h2, &sum, &p->trunk[b].conv[2], NULL, 0, 1, 1, POST_SUM));
+        trunk = sum;
+    }
+    *out = trunk;
+    return DS_OK;
+}
+
+/* Three up-residual blocks back to full resolution, then the 1x1 sigmoid head. */
+static ds_status plan_decoder(plan *pl, const model_params *p, ds_backend *be, act t, act *out)
+{
+    for (int j = 0; j < 3; j++) {
+        act h1, h2, sum;
+        DS_TRY(plan_conv(pl, be, &t, &sum, &p->decoder[j].shortcut_convt, &p->decoder[j].shortcut_bn, 1, 2, 1, 0));
+        DS_TRY(plan_conv(pl, be, &t, &h1, &p->decoder[j].convt[0], &p->decoder[j].bn[0], 1, 2, 1, POST_RELU));
+        DS_TRY(plan_conv(pl, be, &h1, &h2, &p->decoder[j].convt[1], &p->decoder[j].bn[1], 1, 1, 1, POST_RELU));
+        DS_TRY(plan_conv(pl, be, &h2, &sum, &p->decoder[j].convt[2], &p->decoder[j].bn[2], 1, 1, 1,
+                         POST_SUM | POST_RELU));
+        t = sum;
+    }
+    return plan_conv(pl, be, &t, out, &p->head, NULL, 0, 1, 1, POST_SIGMOID);
+}
+
+static ds_status plan_network(plan *pl, const model_params *p, ds_backend *be)
+{
+    act t;
+    DS_TRY(new_tensor(pl, &t, stage_input_channels[pl->first_stage], pl->height, pl->width)); /* PLAN_INPUT */
+    if (pl->first_stage <= STAGE_ENCODER && STAGE_ENCODER <= pl->last_stage)
+        DS_TRY(plan_encoder(pl, p, be, t, &t));
+    if (pl->first_stage <= STAGE_TRUNK && STAGE_TRUNK <= pl->last_stage)
+        DS_TRY(plan_trunk(pl, p, be, t, &t));
+    if (pl->first_stage <= STAGE_DECODER && STAGE_DECODER <= pl->last_stage)
+        DS_TRY(plan_decoder(pl, p, be, t, &t));
+    pl->output = t.id;
+    return DS_OK;
+}
+
+/* Greedy first-fit placement: a tensor may share memory with any tensor whose lifetime
+ * (first..last step, inclusive) does not overlap its own. Offsets are kept 64-byte aligned. */
+static void place_tensors(plan *pl)
+{
+    size_t top = 0;
+    pl->tensors[pl->output].last_step = pl->n_steps; /* read back after the last step */
+    for (int i = 0; i < pl->n_tensors; i++) {
+        plan_tensor *t = &pl->tensors[i];
+        size_t size = (t->floats + 15) & ~(size_t)15, offset = 0;
+        for (int moved = 1; moved;) {
+            moved = 0;
+            for (int j = 0; j < i; j++) {
+                plan_tensor *o = &pl->tensors[j];
+                size_t osize = (o->floats + 15) & ~(size_t)15;
+                int live_together = o->first_step <= t->last_step && t->first_step <= o->last_step;
+                if (live_together && offset < o->offset + osize && o->offset < offset + size) {
+                    offset = o->offset + osize;
+                    moved = 1;
+                }
+            }
+        }
+        t->offset = offset;
+        if (offset + size > top)
+            top = offset + size;
+    }
+    pl->arena_floats = top;
+}
+
+static void plan_free(plan *pl)
+{
+    if (!pl)
+        return;
+    for (int i = 0; i < pl->n_steps; i++)
+        op_destroy(pl->steps[i].op);
+    free(pl->fold_weight);
+    free(pl->fold_bias);
+    free(pl);
+}
+
+static ds_status plan_create(plan **out, ds_model *m, int first_stage, int last_stage, int batch, int height, int width)
+{
+    plan *pl = calloc(1, sizeof *pl);
+    if (!pl)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    pl->first_stage = first_stage;
+    pl->last_stage = last_stage;
+    pl->batch = batch;
+    pl->height = height;
+    pl->width = width;
+    size_t max_weights = 0, max_out = 0;
+    param_table table;
+    params_table(&m->params, &table);
+    for (int i = 0; i < table.count; i++)
+        if (table.entries[i].ndim == 4 && entry_count(&table.entries[i]) > max_weights)
+            max_weights = entry_count(&table.entries[i]);
+    max_out = 512;
+    pl->fold_weight = malloc(max_weights * sizeof(float));
+    pl->fold_bias = malloc(max_out * sizeof(float));
+    ds_status rc = (pl->fold_weight && pl->fold_bias) ? DS_OK : ds_fail(DS_ERR_NOMEM, "out of memory");
+    if (rc == DS_OK)
+        rc = plan_network(pl, &m->params, m->backend);
+    free(pl->fold_weight);
+    free(pl->fold_bias);
+    pl->fold_weight = pl->fold_bias = NULL;
+    if (rc == DS_OK)
+        place_tensors(pl);
+    if (rc != DS_OK) {
+        plan_free(pl);
+        return rc;
+    }
+    *out = pl;
+    return DS_OK;
+}
+
+static float *tensor_data(const plan *pl, float *arena, int id) { return arena + pl->tensors[id].offset; }
+
+static ds_status plan_execute(plan *pl, float *arena, ds_backend *be)
+{
+    for (int i = 0; i < pl->n_steps; i++) {
+        plan_step *s = &pl->steps[i];
+        float *dst = tensor_data(pl, arena, s->output);
+        const float *src = tensor_data(pl, arena, s->inputs[0]);
+        switch (s->kind) {
+        case STEP_CONV:
+            DS_TRY(conv_forward(s->op, src, dst));
+            break;
+        case STEP_BN_RELU:
+            DS_TRY(batchnorm_relu_forward(s->op, src, dst));
+            break;
+        case STEP_MAXPOOL:
+            DS_TRY(maxpool_forward(s->op, src, dst));
+            break;
+        case STEP_CONCAT: {
+            const float *srcs[CONCAT_MAX_INPUTS];
+            for (int k = 0; k < s->n_inputs; k++)
+                srcs[k] = tensor_data(pl, arena, s->inputs[k]);
+            DS_TRY(concat_forward(s->op, srcs, dst));
+            break;
+        }
+        }
+    }
+    return backend_synchronize(be);
+}
+
+/* ---------------------------------------------------------------- model */
+
+ds_status model_load(ds_model **out, const char *weights_path)
+{
+    ds_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    ds_status rc = st_read(&m->file, weights_path);
+    param_table table;
+    params_table(&m->params, &table);
+    if (rc == DS_OK) {
+        for (int i = 0; i < table.count; i++)
+            m->n_params += entry_count(&table.entries[i]);
+        m->param_arena = malloc(m->n_params * sizeof(float));
+        if (!m->param_arena)
+            rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+    }
+    size_t offset = 0;
+    for (int i = 0; i < table.count && rc == DS_OK; i++) {
+        const param_entry *e = &table.entries[i];
+        const st_tensor *t = st_find(&m->file, e->name);
+        if (!t) {
+            rc = ds_fail(DS_ERR_FORMAT, "weights file '%s' lacks tensor '%s': not a DeepSpot model", weights_path,
+                         e->name);
+            break;
+        }
+        int same = t->ndim == e->ndim;
+        for (int d = 0; same && d < e->ndim; d++)
+            same = t->shape[d] == e->shape[d];
+        if (!same) {
+            char expect[64] = "", got[64] = "";
+            for (int d = 0; d < e->ndim; d++)
+                snprintf(expect + strlen(expect), sizeof expect - strlen(expect), "%s%d", d ? "," : "", e->shape[d]);
+            for (int d = 0; d < t->ndim; d++)
+                snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "", (long long)t->shape[d]);
+            rc = ds_fail(DS_ERR_FORMAT, "tensor '%s' has shape [%s]; expected [%s]", e->name, got, expect);
+            break;
+        }
+        *e->slot = m->param_arena + offset;
+        memcpy(*e->slot, t->data, t->count * sizeof(float));
+        int is_variance = strstr(e->name, "moving_variance") != NULL;
+        for (size_t k = 0; k < t->count && rc == DS_OK; k++)
+            if (!isfinite((*e->slot)[k]) || (is_variance && (*e->slot)[k] < 0.0f))
+                rc = ds_fail(DS_ERR_FORMAT, "tensor '%s' holds %s", e->name,
+                             isfinite((*e->slot)[k]) ? "a negative variance" : "NaN or Inf values");
+        offset += t->count;
+    }
+    if (rc == DS_OK && m->file.ntensors != table.count) {
+        for (int i = 0; i < m->file.ntensors; i++) {
+            int known = 0;
+            for (int k = 0; k < table.count && !known; k++)
+                known = strcmp(m->file.tensors[i].name, table.entries[k].name) == 0;
+            if (!known) {
+                rc = ds_fail(DS_ERR_FORMAT, "weights file '%s' has an unexpected tensor '%s'", weights_path,
+                             m->file.tensors[i].name);
+                break;
+            }
+        }
+    }
+    if (rc == DS_OK)
+        rc = backend_create(&m->backend);
+    /* The file's bytes are no longer needed once copied into the arena. */
+    st_free(&m->file);
+    if (rc != DS_OK) {
+        model_free(m);
+        return rc;
+    }
+    *out = m;
+    return DS_OK;
+}
+
+void model_free(ds_model *m)
+{
+    if (!m)
+        return;
+    for (int i = 0; i < PLAN_CACHE; i++)
+        plan_free(m->plans[i]);
+    backend_destroy(m->backend);
+    free(m->arena);
+    free(m->param_arena);
+    st_free(&m->file);
+    free(m);
+}
+
+size_t model_num_parameters(const ds_model *m) { return m->n_params; }
+
+const model_params *model_parameters(const ds_model *m) { return &m->params; }
+
+static ds_status get_plan(ds_model *m, int first_stage, int last_stage, int batch, int height, int width, plan **out)
+{
+    int victim = 0;
+    for (int i = 0; i < PLAN_CACHE; i++) {
+        plan *pl = m->plans[i];
+        if (pl && pl->first_stage == first_stage && pl->last_stage == last_stage && pl->batch == batch &&
+            pl->height == height && pl->width == width) {
+            pl->last_used = ++m->clock;
+            *out = pl;
+            return DS_OK;
+        }
+        if (!pl || (m->plans[victim] && pl->last_used < m->plans[victim]->last_used))
+            victim = i;
+    }
+    plan_free(m->plans[victim]);
+    m->plans[victim] = NULL;
+    DS_TRY(plan_create(&m->plans[victim], m, first_stage, last_stage, batch, height, width));
+    m->plans[victim]->last_used = ++m->clock;
+    *out = m->plans[victim];
+    return DS_OK;
+}
+
+ds_status model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
+                             int *out_channels, int *out_height, int *out_width)
+{
+    if (first_stage < 0 || last_stage >= DS_STAGES || first_stage > last_stage)
+        return ds_fail(DS_ERR_VALUE, "stages %d..%d: expected 0 <= first <= last <= %d", first_stage, last_stage,
+                       DS_STAGES - 1);
+    int multiple = first_stage == STAGE_ENCODER ? DS_SIZE_MULTIPLE : 1;
+    if (height < multiple || width < multiple || height % multiple || width % multiple)
+        return ds_fail(DS_ERR_VALUE, "input of %dx%d; expected sides that are positive multiples of %d", height, width,
+                       multiple);
+    *in_channels = stage_input_channels[first_stage];
+    *out_channels = last_stage == STAGE_DECODER ? 1 : stage_input_channels[last_stage + 1];
+    int scale_down = first_stage == STAGE_ENCODER && last_stage < STAGE_DECODER;
+    int scale_up = first_stage > STAGE_ENCODER && last_stage == STAGE_DECODER;
+    *out_height = scale_down ? height / DS_SIZE_MULTIPLE : scale_up ? height * DS_SIZE_MULTIPLE : height;
+    *out_width = scale_down ? width / DS_SIZE_MULTIPLE : scale_up ? width * DS_SIZE_MULTIPLE : width;
+    return DS_OK;
+}
+
+ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
+                               const float *input, float *output)
+{
+    int in_c, out_c, out_h, out_w;
+    DS_TRY(model_stage_shapes(first_stage, last_stage, height, width, &in_c, &out_c, &out_h, &out_w));
+    if (batch < 1)
+        return ds_fail(DS_ERR_VALUE, "batch of %d; expected >= 1", batch);
+    plan *pl;
+    DS_TRY(get_plan(m, first_stage, last_stage, batch, height, width, &pl));
+    if (pl->arena_floats > m->arena_floats) {
+        free(m->arena);
+        m->arena = aligned_alloc(64, pl->arena_floats * sizeof(float));
+        m->arena_floats = m->arena ? pl->arena_floats : 0;
+        if (!m->arena)
+            return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations for a batch of %d at %dx%d",
+                           pl->arena_floats * sizeof(float) >> 20, batch, height, width);
+    }
+    memcpy(tensor_data(pl, m->arena, PLAN_INPUT), input, (size_t)batch * height * width * in_c * sizeof(float));
+    DS_TRY(plan_execute(pl, m->arena, m->backend));
+    memcpy(output, tensor_data(pl, m->arena, pl->output), (size_t)batch * out_h * out_w * out_c * sizeof(float));
+    return DS_OK;
+}
+
+ds_status model_forward(ds_model *m, int batch, int height, int width, const float *input, float *output)
+{
+    return model_forward_stages(m, STAGE_ENCODER, STAGE_DECODER, batch, height, width, input, output);
+}

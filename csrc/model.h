@@ -1,0 +1,71 @@
+/* model.h - the DeepSpot network (REFERENCE_MODEL.md section 1): its parameters, loaded from a
+ * safetensors file into one arena, and its inference forward pass on the ops.h backend. */
+#ifndef DS_MODEL_H
+#define DS_MODEL_H
+
+#include <stddef.h>
+#include "status.h"
+
+#define DS_BN_EPSILON 1e-3f
+#define DS_TRUNK_BLOCKS 13
+#define DS_SIZE_MULTIPLE 8 /* three stride-2 stages down, three up */
+
+typedef struct {
+    float *weight; /* [out, in, k, k]; for transposed convs `out` is the upsampled side */
+    float *bias;   /* [out] */
+    int out_channels, in_channels, kernel;
+} conv_params;
+
+typedef struct {
+    float *gamma, *beta, *moving_mean, *moving_variance;
+    int channels;
+} bn_params;
+
+enum { CASO_STRIDED, CASO_MAXPOOL, CASO_ATROUS, CASO_PATHS };
+
+typedef struct {
+    struct {
+        conv_params conv[3];
+        bn_params bn[3];
+    } caso[CASO_PATHS];
+    struct {
+        bn_params bn[3]; /* pre-activation: bn[i] comes before conv[i] */
+        conv_params conv[3];
+        conv_params shortcut_conv; /* block 1 only */
+        bn_params shortcut_bn;
+    } trunk[DS_TRUNK_BLOCKS];
+    struct {
+        conv_params convt[3]; /* bn[i] comes after convt[i] */
+        bn_params bn[3];
+        conv_params shortcut_convt;
+        bn_params shortcut_bn;
+    } decoder[3];
+    conv_params head;
+} model_params;
+
+typedef struct ds_model ds_model;
+
+ds_status model_load(ds_model **model, const char *weights_path);
+void model_free(ds_model *model);
+size_t model_num_parameters(const ds_model *model);
+const model_params *model_parameters(const ds_model *model);
+
+/* The network in three stages, so that large images can be tiled stage by stage with exact
+ * halos (each stage's receptive field is small at its own resolution): the encoder (CASO,
+ * 1 -> 384 channels at 1/8 resolution), the trunk (384 -> 128, same resolution) and the decoder
+ * (128 channels at 1/8 -> the sigmoid map at full resolution). */
+enum { STAGE_ENCODER, STAGE_TRUNK, STAGE_DECODER, DS_STAGES };
+
+/* Channels and output size of running stages first..last on an input of height x width. */
+ds_status model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
+                             int *out_channels, int *out_height, int *out_width);
+/* input [batch, height, width, in_channels] -> output [batch, out_height, out_width, out_channels], NHWC.
+ * Not thread-safe: one call at a time per model. */
+ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
+                               const float *input, float *output);
+
+/* The whole network; input, output: [batch, height, width] float32 (one channel); height and width multiples of 8.
+ * Not thread-safe: one call at a time per model. */
+ds_status model_forward(ds_model *model, int batch, int height, int width, const float *input, float *output);
+
+#endif

@@ -1,0 +1,8 @@
+"""deepspot-napari: DeepSpot RNA spot enhancement and detection for smFISH images.
+
+The network and the detectors run in a C core (oneDNN on CPU); this package is the thin shell:
+`Model.load(...).enhance(image)` / `.detect(image)`, the `deepspot` command line and napari widgets."""
+from .model import Cancelled, Model, bundled_weights_path
+
+__all__ = ["Model", "Cancelled", "bundled_weights_path"]
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""The plain Python API that the CLI and the napari widgets both call: Model.load / enhance /
+detect. Tiling, blending and stacks are bookkeeping done here; the network runs in the C core
+(deepspot_napari._core, oneDNN on CPU) with the GIL released."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import _core
+from .images import as_image_stack, scale_plane
+
+BUNDLED_WEIGHTS = "deepspot_hybrid.safetensors"
+SIZE_MULTIPLE = 8  # three stride-2 stages down and up
+
+
+class Cancelled(Exception):
+    """Raised when a long operation is stopped through its `cancel` argument."""
+
+
+def bundled_weights_path(name: str = BUNDLED_WEIGHTS) -> Path:
+    """The weights shipped with the package (installed next to it; the source tree's weights/ in a checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "weights" / name, here.parent / "weights" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"bundled weights '{name}' not found next to the package ({here / 'weights'})")
+
+
+# Receptive-field radius of each stage at its own input resolution, rounded up: a window this
+# much larger than the part kept from it computes that part exactly as a whole-image pass would.
+ENCODER_HALO_PX = 32    # CASO: the atrous path reaches about 21 px
+TRUNK_HALO_CELLS = 16   # 13 blocks with one 3x3 conv each, at 1/8 resolution
+DECODER_HALO_CELLS = 4  # three up-blocks: about 2 cells at 1/8 resolution
+ENCODER, TRUNK, DECODER = 0, 1, 2
+
+
+def _windows(length: int, window: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """Covers [0, length) with input windows [start, start + window) and the parts
+    [keep_start, keep_stop) taken from each: at least `halo` away from a window edge unless that
+    edge is the image's own. Starts stay multiples of gcd(window, halo, length)."""
+    if length <= window:
+        return [(0, length, 0, length)]
+    spans, keep_start = [], 0
+    while keep_start < length:
+        start = min(max(keep_start - halo, 0), length - window)
+        stop = start + window
+        keep_stop = length if stop == length else stop - halo
+        spans.append((start, stop, keep_start, keep_stop))
+        keep_start = keep_stop
+    return spans
+
+
+def _run_windows(run_batch, source: np.ndarray, target: np.ndarray, window: int, halo: int, scale: float,
+                 batch_size: int, step: Callable[[], None]) -> None:
+    """Runs `run_batch` over windows of source [H, W, C] and writes the kept parts into target,
+    whose resolution is `scale` times the source's."""
+    rows = _windows(source.shape[0], window, halo)
+    cols = _windows(source.shape[1], window, halo)
+    jobs = [(r, c) for r in rows for c in cols]
+    # Evenly sized batches: at most two batch shapes, so at most two plans per stage.
+    n_batches = -(-len(jobs) // batch_size)
+    bounds = np.linspace(0, len(jobs), n_batches + 1).round().astype(int)
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        chunk = jobs[first:last]
+        batch = np.stack([source[r[0]:r[1], c[0]:c[1]] for r, c in chunk])
+        result = run_batch(batch)
+        for (r, c), out in zip(chunk, result):
+            keep_r = slice(int((r[2] - r[0]) * scale), int((r[3] - r[0]) * scale))
+            keep_c = slice(int((c[2] - c[0]) * scale), int((c[3] - c[0]) * scale))
+            target[int(r[2] * scale):int(r[3] * scale), int(c[2] * scale):int(c[3] * scale)] = out[keep_r, keep_c]
+        step()
+
+
+def _count_windows(shape: tuple[int, int], window: int, halo: int, batch_size: int) -> int:
+    n = len(_windows(shape[0], window, halo)) * len(_windows(shape[1], window, halo))
+    return -(-n // batch_size)
+
+
+class Model:
+    """A DeepSpot network loaded from a safetensors file.
+
+    `enhance` is thread-safe (calls are serialised); the GIL is released while the network runs."""
+
+    def __init__(self, network: "_core.Network", path: Path, device: str):
+        self._network = network
+        self.path = path
+        self.device = device
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> "Model":
+        """Loads weights (None = the bundled published model). device: "auto", "cpu" or "cuda"."""
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            raise RuntimeError("device='cuda' requested but this build has no working CUDA backend; use 'cpu' or 'auto'")
+        path = bundled_weights_path() if path is None else Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        return cls(_core.Network(str(path)), path, "cpu")
+
+    @property
+    def num_parameters(self) -> int:
+        return self._network.num_parameters
+
+    def forward(self, batch: np.ndarray, first_stage: int = ENCODER, last_stage: int = DECODER) -> np.ndarray:
+        """The raw network on an NHWC float32 batch: from the encoder, a [n, h, w, 1] image already
+        scaled to [0, 1] with sides multiples of 8; see _core.Network.forward for the stages."""
+        with self._lock:
+            return self._network.forward(np.ascontiguousarray(batch, dtype=np.float32), first_stage, last_stage)
+
+    def enhance(self, image, *, tile_size: int | None = 512, batch_size: int = 4,
+                progress: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], bool] | None = None) -> np.ndarray:
+        """Enhances a 2D image (Y, X) or a stack (..., Y, X) of any integer or float dtype and any size.
+
+        Each plane is divided by its own maximum (the reference scaling) and mirror-padded to a
+        multiple of 8. Large planes are processed in windows of tile_size pixels, stage by stage
+        (encoder, trunk, decoder), each window carrying a halo as wide as the stage's receptive
+        field: the result equals a whole-plane pass (tile_size=None) while memory stays bounded by
+        the window size. Returns float32 in [0, 1] of the input's shape. progress(done, total) is
+        called after each batch of windows; if cancel() returns True the run stops with Cancelled."""
+        image = as_image_stack(image)
+        if tile_size is not None and (tile_size < 128 or tile_size % (2 * SIZE_MULTIPLE)):
+            raise ValueError(f"tile_size must be a multiple of {2 * SIZE_MULTIPLE} and >= 128, got {tile_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        planes = image.reshape((-1,) + image.shape[-2:])
+        padded_shape = tuple(-(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE for n in planes.shape[-2:])
+        cells = (padded_shape[0] // SIZE_MULTIPLE, padded_shape[1] // SIZE_MULTIPLE)
+        if tile_size is None:
+            windows = (max(padded_shape), max(cells), max(cells))
+        else:
+            windows = (tile_size, tile_size // 2, tile_size // SIZE_MULTIPLE)
+        total = len(planes) * (_count_windows(padded_shape, windows[0], ENCODER_HALO_PX, batch_size)
+                               + _count_windows(cells, windows[1], TRUNK_HALO_CELLS, batch_size)
+                               + _count_windows(cells, windows[2], DECODER_HALO_CELLS, batch_size))
+        done = 0
+
+        def step():
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            if cancel is not None and cancel():
+                raise Cancelled("enhancement cancelled")
+
+        out = np.empty(planes.shape, np.float32)
+        for index, plane in enumerate(planes):
+            where = "image" if len(planes) == 1 else f"plane {index} of the stack"
+            scaled = scale_plane(plane, where)
+            h, w = scaled.shape
+            padded = np.pad(scaled, ((0, padded_shape[0] - h), (0, padded_shape[1] - w)), mode="symmetric")
+            features = np.empty(cells + (384,), np.float32)
+            _run_windows(lambda b: self.forward(b, ENCODER, ENCODER), padded[..., None], features,
+                         windows[0], ENCODER_HALO_PX, 1 / SIZE_MULTIPLE, batch_size, step)
+            trunk = np.empty(cells + (128,), np.float32)
+            _run_windows(lambda b: self.forward(b, TRUNK, TRUNK), features, trunk,
+                         windows[1], TRUNK_HALO_CELLS, 1, batch_size, step)
+            del features
+            enhanced = np.empty(padded_shape + (1,), np.float32)
+            _run_windows(lambda b: self.forward(b, DECODER, DECODER), trunk, enhanced,
+                         windows[2], DECODER_HALO_CELLS, SIZE_MULTIPLE, batch_size, step)
+            out[index] = enhanced[:h, :w, 0]
+        return out.reshape(image.shape)

@@ -1,0 +1,142 @@
+/* test_core.c - C-level tests of the core, run under AddressSanitizer/LeakSanitizer by .ci/run:
+ * the safetensors reader on malformed buffers, model loading errors, and a forward pass whose
+ * result is finite, in (0, 1), deterministic and equal whichever plan (batch, stages) computes it.
+ * Usage: test_core <weights.safetensors> */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model.h"
+#include "safetensors.h"
+
+static int failures;
+
+#define CHECK(cond, ...)                                  \
+    do {                                                  \
+        if (!(cond)) {                                    \
+            failures++;                                   \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                 \
+            fprintf(stderr, "\n");                        \
+        }                                                 \
+    } while (0)
+
+/* Builds a safetensors buffer from a header string and `data_len` bytes of data. */
+static uint8_t *make_file(const char *header, size_t data_len, size_t *nbytes)
+{
+    size_t header_len = strlen(header);
+    *nbytes = 8 + header_len + data_len;
+    uint8_t *bytes = calloc(1, *nbytes);
+    for (int i = 0; i < 8; i++)
+        bytes[i] = (uint8_t)((uint64_t)header_len >> (8 * i));
+    memcpy(bytes + 8, header, header_len);
+    return bytes;
+}
+
+static void expect_parse(const char *header, size_t data_len, ds_status expected, const char *fragment)
+{
+    size_t nbytes;
+    uint8_t *bytes = make_file(header, data_len, &nbytes);
+    st_file file;
+    ds_status rc = st_parse(&file, bytes, nbytes);
+    CHECK(rc == expected, "header %s: status %d, expected %d (%s)", header, rc, expected, ds_last_error());
+    if (fragment)
+        CHECK(strstr(ds_last_error(), fragment) != NULL, "header %s: message '%s' lacks '%s'", header,
+              ds_last_error(), fragment);
+    st_free(&file);
+}
+
+static void test_safetensors_parser(void)
+{
+    /* headers padded so that the data starts 4-byte aligned */
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}   ", 8, DS_OK, NULL);
+    expect_parse("{\"__metadata__\":{\"k\":\"v\"},\"a\":{\"shape\":[1],\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", 4,
+                 DS_OK, NULL);
+    expect_parse("{\"a\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[0,4]}}   ", 4, DS_ERR_FORMAT, "F16");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}   ", 4, DS_ERR_FORMAT, "truncated");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}   ", 8, DS_ERR_FORMAT, "shape needs");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],"
+                 "\"data_offsets\":[0,4]}}", 8, DS_ERR_FORMAT, "overlap");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],"
+                 "\"data_offsets\":[4,8]}}", 8, DS_ERR_FORMAT, "twice");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]} ", 4, DS_ERR_FORMAT, "malformed");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}  ", 4, DS_ERR_FORMAT, "shape");
+    expect_parse("[1,2,3]", 0, DS_ERR_FORMAT, "object");
+    expect_parse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}    ", 12, DS_ERR_FORMAT, "after the last");
+
+    size_t nbytes;
+    uint8_t *bytes = make_file("{}", 0, &nbytes);
+    bytes[0] = 0xff; /* header length far beyond the file */
+    st_file file;
+    CHECK(st_parse(&file, bytes, nbytes) == DS_ERR_FORMAT, "oversized header length accepted");
+    st_free(&file);
+    uint8_t *tiny = malloc(3);
+    CHECK(st_parse(&file, tiny, 3) == DS_ERR_FORMAT, "3-byte file accepted");
+    st_free(&file);
+    CHECK(st_read(&file, "/nonexistent/weights.safetensors") == DS_ERR_IO, "missing file not reported");
+}
+
+static void test_model(const char *weights)
+{
+    ds_model *model = NULL;
+    CHECK(model_load(&model, "/nonexistent.safetensors") == DS_ERR_IO, "missing weights accepted");
+    CHECK(model_load(&model, weights) == DS_OK, "cannot load %s: %s", weights, ds_last_error());
+    if (!model)
+        return;
+    CHECK(model_num_parameters(model) == 4037249, "parameter count %zu", model_num_parameters(model));
+
+    enum { B = 2, H = 48, W = 40 };
+    float *input = malloc(sizeof(float) * B * H * W), *out = malloc(sizeof(float) * B * H * W);
+    float *again = malloc(sizeof(float) * B * H * W), *single = malloc(sizeof(float) * H * W);
+    srand(12345);
+    for (int i = 0; i < B * H * W; i++)
+        input[i] = (float)rand() / (float)RAND_MAX;
+    CHECK(model_forward(model, B, H, W, input, out) == DS_OK, "forward: %s", ds_last_error());
+    int in_range = 1;
+    for (int i = 0; i < B * H * W; i++)
+        in_range &= isfinite(out[i]) && out[i] > 0.0f && out[i] < 1.0f;
+    CHECK(in_range, "forward output not finite in (0, 1)");
+    CHECK(model_forward(model, B, H, W, input, again) == DS_OK && memcmp(out, again, sizeof(float) * B * H * W) == 0,
+          "forward is not deterministic");
+    CHECK(model_forward(model, 1, H, W, input + H * W, single) == DS_OK, "forward batch 1: %s", ds_last_error());
+    float worst = 0.0f;
+    for (int i = 0; i < H * W; i++)
+        worst = fmaxf(worst, fabsf(single[i] - out[H * W + i]));
+    CHECK(worst < 1e-5f, "batch-1 and batch-2 plans differ by %g", worst);
+
+    /* three stage calls give the same map as the one-shot plan */
+    float *features = malloc(sizeof(float) * (H / 8) * (W / 8) * 384), *trunk = malloc(sizeof(float) * (H / 8) * (W / 8) * 128);
+    CHECK(model_forward_stages(model, STAGE_ENCODER, STAGE_ENCODER, 1, H, W, input, features) == DS_OK &&
+          model_forward_stages(model, STAGE_TRUNK, STAGE_TRUNK, 1, H / 8, W / 8, features, trunk) == DS_OK &&
+          model_forward_stages(model, STAGE_DECODER, STAGE_DECODER, 1, H / 8, W / 8, trunk, single) == DS_OK,
+          "staged forward: %s", ds_last_error());
+    CHECK(memcmp(single, out, sizeof(float) * H * W) == 0, "staged forward differs from the one-shot plan");
+
+    CHECK(model_forward(model, 1, 12, 16, input, out) == DS_ERR_VALUE, "height 12 accepted");
+    CHECK(model_forward(model, 0, 16, 16, input, out) == DS_ERR_VALUE, "batch 0 accepted");
+    CHECK(model_forward_stages(model, 2, 1, 1, 16, 16, input, out) == DS_ERR_VALUE, "stages 2..1 accepted");
+    free(input);
+    free(out);
+    free(again);
+    free(single);
+    free(features);
+    free(trunk);
+    model_free(model);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s weights.safetensors\n", argv[0]);
+        return 2;
+    }
+    test_safetensors_parser();
+    test_model(argv[1]);
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_core: all checks passed\n");
+    return 0;
+}

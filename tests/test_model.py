@@ -1,0 +1,167 @@
+"""The whole network and the Model API: float64 reference, parity with the original TensorFlow
+model (golden outputs made by tools/make_golden.py), tiling equal to a whole-image pass, stacks,
+dtypes, cancellation, the GIL released, and clear errors for bad input."""
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference as ref
+from deepspot_napari import Cancelled, Model, bundled_weights_path
+
+GOLDEN = Path(__file__).parent / "data" / "golden_tf.npz"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model.load()
+
+
+@pytest.fixture(scope="module")
+def params():
+    from safetensors.numpy import load_file  # test-only cross-check of our writer/reader pair
+    return load_file(str(bundled_weights_path()))
+
+
+def test_bundled_model_has_the_published_size(model):
+    assert model.num_parameters == 4_037_249
+
+
+def test_network_matches_float64_reference(model, params, rng):
+    x = rng.random((2, 40, 24, 1)).astype(np.float32)
+    got = model.forward(x)
+    expected = ref.deepspot_forward(x.astype(np.float64), params)
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) <= 1e-5
+
+
+def test_stages_chained_equal_the_whole_network(model, rng):
+    x = rng.random((1, 64, 48, 1)).astype(np.float32)
+    features = model.forward(x, 0, 0)
+    assert features.shape == (1, 8, 6, 384)
+    trunk = model.forward(features, 1, 1)
+    assert trunk.shape == (1, 8, 6, 128)
+    staged = model.forward(trunk, 2, 2)
+    assert np.array_equal(staged, model.forward(x))
+
+
+def golden_cases():
+    data = np.load(GOLDEN)
+    return [(str(data["names"][i]), data[f"input_{i}"], data[f"output_{i}"][0, ..., 0])
+            for i in range(len(data["names"]))]
+
+
+@pytest.mark.parametrize("name,image,expected", golden_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_parity_with_the_original_tensorflow_model(model, name, image, expected):
+    got = model.enhance(image)
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) <= 1e-4, name
+
+
+def test_golden_set_covers_simulated_and_real_images():
+    names = [n for n, _, _ in golden_cases()]
+    assert len(names) >= 8
+    assert any("authors_sim" in n for n in names) and any("unannotated" in n for n in names)
+
+
+def test_tiled_2048_image_equals_the_whole_image_pass(model):
+    """No seams: every window carries its stage's receptive field as a halo."""
+    rng = np.random.default_rng(7)
+    image = rng.poisson(100, (2048, 2048)).astype(np.uint16)
+    ys, xs = rng.integers(0, 2048, (2, 400))
+    image[ys, xs] += 800
+    tiled = model.enhance(image, tile_size=256)
+    whole = model.enhance(image, tile_size=None)
+    interior = (slice(8, -8), slice(8, -8))
+    assert np.max(np.abs(tiled[interior] - whole[interior])) <= 1e-3
+    assert np.max(np.abs(tiled - whole)) <= 1e-3
+
+
+def test_odd_sizes_and_small_images(model, rng):
+    for shape in [(300, 277), (31, 45), (1, 9)]:
+        image = rng.random(shape).astype(np.float32) + 0.1
+        out = model.enhance(image, tile_size=128)
+        assert out.shape == shape and out.dtype == np.float32
+        assert np.all((out >= 0) & (out <= 1))
+
+
+def test_dtypes_give_the_same_result_after_scaling(model, rng):
+    base = rng.integers(1, 250, (64, 72))
+    reference_out = model.enhance(base.astype(np.float32))
+    for dtype in (np.uint8, np.uint16, np.int32, np.int64, np.float64, np.float16):
+        out = model.enhance(base.astype(dtype))
+        assert np.max(np.abs(out - reference_out)) <= 1e-6, dtype
+
+
+def test_stack_is_enhanced_plane_by_plane(model, rng):
+    stack = rng.integers(0, 1000, (2, 3, 40, 48)).astype(np.uint16)
+    out = model.enhance(stack)
+    assert out.shape == stack.shape
+    assert np.array_equal(out[1, 2], model.enhance(stack[1, 2]))
+
+
+def test_progress_reports_and_cancel_stops(model, rng):
+    image = rng.random((512, 512)).astype(np.float32)
+    seen = []
+    model.enhance(image, tile_size=256, progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+    calls = []
+    with pytest.raises(Cancelled):
+        model.enhance(image, tile_size=256, cancel=lambda: calls.append(1) or len(calls) >= 2)
+    assert len(calls) == 2
+
+
+def test_gil_is_released_while_the_network_runs(model, rng):
+    image = rng.random((512, 512)).astype(np.float32)
+    model.enhance(image, tile_size=None)  # build the plan first
+    ticks, running = [0], threading.Event()
+
+    def count():
+        while not running.is_set():
+            pass
+        while running.is_set():
+            ticks[0] += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    running.set()
+    before = ticks[0]
+    model.forward(image[None, :, :, None])
+    during = ticks[0] - before
+    running.clear()
+    counter.join()
+    assert during > 1000
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (np.full((32, 32), np.nan, np.float32), ValueError, "NaN or Inf"),
+    (np.array([[1.0, np.inf], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+    (np.zeros((32, 32), np.uint8), ValueError, "maximum"),
+    (np.full((32, 32), 7, np.uint16), ValueError, "constant"),
+    (np.zeros((0, 32), np.float32), ValueError, "empty"),
+    (np.arange(10.0), ValueError, "dimension"),
+    (np.float32(3.0), ValueError, "dimension"),
+    (np.ones((8, 8), np.complex64), TypeError, "dtype"),
+    (np.ones((8, 8), bool), TypeError, "dtype"),
+    (np.ones((64, 64, 3), np.uint8), ValueError, "RGB"),
+    (np.array([["a", "b"], ["c", "d"]]), TypeError, "dtype"),
+])
+def test_bad_images_raise_clear_errors(model, bad, error, message):
+    with pytest.raises(error, match=message):
+        model.enhance(bad)
+
+
+def test_bad_enhance_arguments(model):
+    image = np.ones((16, 16), np.float32)
+    image[3, 3] = 2
+    with pytest.raises(ValueError, match="tile_size"):
+        model.enhance(image, tile_size=100)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.enhance(image, batch_size=0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model.forward(np.ones((1, 12, 16, 1), np.float32))
+    with pytest.raises(ValueError, match="channels"):
+        model.forward(np.ones((1, 16, 16, 2), np.float32))
+    with pytest.raises(ValueError, match="device"):
+        Model.load(device="tpu")
