@@ -1,10 +1,10 @@
 /* detect.c - spot detection on one 2D plane (see detect.h): the a trous wavelet transform and the
  * Icy-style detector on it, the peak detector for enhanced images, subpixel refinement, and the
  * merging of a z-stack's per-plane spots into molecules.
- * A 2048x2048 plane has to go through in tens of milliseconds, so the wavelet filter streams rows
- * (column pass over five input rows into one padded row, then the row pass), the statistics and
- * masks are plain loops the compiler vectorises, and connected components are built from row
- * runs rather than pixels. */
+ * A 2048x2048 plane has to go through in tens of milliseconds, so the wavelet transform streams
+ * rows through small per-scale ring buffers (nothing image-sized is allocated), the row loops are
+ * written for the compiler to vectorise, and connected components are built from row runs rather
+ * than pixels. */
 #include "detect.h"
 
 #include <float.h>
@@ -182,7 +182,7 @@ static ds_status atrous_stream_init(atrous_stream *s, int height, int width, con
 {
     *s = (atrous_stream){.height = height, .width = width, .max_scale = max_scale, .wanted_scales = wanted_scales,
                          .consume = consume, .context = context, .image = image};
-    size_t rows = 3; /* last_level_row, detail_row, and padded_row (with its margins below) */
+    size_t rows = 3; /* last_level_row, detail_row, padded_row; the padding is added below */
     for (int level = 1; level < max_scale; level++) {
         /* the next level reads 4 * its step + 1 consecutive rows */
         s->ring_rows[level] = kernel_support(level + 1);

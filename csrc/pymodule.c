@@ -585,7 +585,12 @@ static PyObject *py_merge_plane_spots(PyObject *self, PyObject *args)
 }
 /* --- detection glue: end --- */
 
+/* --- training glue: begin --- */
+/* --- training glue: end --- */
+
 static PyMethodDef module_methods[] = {
+/* --- training methods: begin --- */
+/* --- training methods: end --- */
     {"conv2d", (PyCFunction)(void (*)(void))py_conv2d, METH_VARARGS | METH_KEYWORDS,
      "conv2d(x, weight, bias, stride=1, dilation=1, pad_before=0, pad_after=0, transposed=False, relu=False, "
      "sigmoid=False, accumulate=None): one (transposed) convolution on NHWC float32 x, weight [out, in, k, k]."},

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from . import _core
+from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .images import as_image_stack, scale_plane
 
 BUNDLED_WEIGHTS = "deepspot_hybrid.safetensors"
@@ -166,3 +167,20 @@ class Model:
                          windows[2], DECODER_HALO_CELLS, SIZE_MULTIPLE, batch_size, step)
             out[index] = enhanced[:h, :w, 0]
         return out.reshape(image.shape)
+
+    def detect(self, image, *, enhanced: np.ndarray | None = None, params: DetectionParams = DEFAULT_DETECTION,
+               progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
+               **overrides) -> Spots:
+        """Finds the spots of a 2D image (Y, X) or a z-stack (Z, Y, X): enhances it (unless its
+        enhanced version is given) and runs the detector with one fixed parameter set (`params`,
+        the defaults chosen once on simulated validation data; keyword overrides such as
+        threshold=0.6 replace single fields). Intensities are sampled from `image`."""
+        image = as_image_stack(image)
+        if image.ndim > 3:
+            raise ValueError(f"image has shape {image.shape}; detect expects a 2D image (Y, X) or a z-stack "
+                             "(Z, Y, X): call it per time point or channel")
+        if enhanced is None:
+            enhanced = self.enhance(image, progress=progress, cancel=cancel)
+        elif np.shape(enhanced) != image.shape:
+            raise ValueError(f"enhanced has shape {np.shape(enhanced)}; it must match the image's {image.shape}")
+        return detect_spots(enhanced, raw=image, params=params, **overrides)

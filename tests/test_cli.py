@@ -1,0 +1,101 @@
+"""The `deepspot` command line end to end on small files: demo, enhance, detect, run, simulate;
+a corrupt file in a batch is reported and skipped; --resume skips finished outputs; nothing is
+overwritten silently."""
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from deepspot_napari.cli import main
+
+
+@pytest.fixture
+def images(tmp_path, rng):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    from deepspot_napari.simulate import simulate_image
+    for i in range(2):
+        image, _ = simulate_image(rng, "ds_var", n_spots=30, size=128)
+        tifffile.imwrite(folder / f"field{i}.tif", image)
+    image, _ = simulate_image(rng, "code", n_spots=20, size=64)
+    Image.fromarray(image).save(folder / "field2.png")
+    return folder
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_demo_reports_f1_and_writes_outputs(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "-q"]) == 0
+    out = capsys.readouterr().out
+    f1 = float(out.split("F1 ")[1].split()[0])
+    assert f1 >= 0.9, out
+    for name in ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+
+
+def test_run_enhances_and_detects_every_input(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(images), "-o", str(out), "--save-enhanced", "-q"]) == 0
+    for stem in ("field0", "field1", "field2"):
+        rows = read_rows(out / f"{stem}.spots.csv")
+        assert rows[0] == ["y", "x", "score", "intensity", "size"]
+        assert len(rows) > 5
+        assert tifffile.imread(out / f"{stem}.enhanced.tif").dtype == np.float32
+    assert "3 done, 0 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_enhance_then_detect_equals_run(images, tmp_path):
+    assert main(["enhance", str(images / "field0.tif"), "-o", str(tmp_path / "e"), "-q"]) == 0
+    assert main(["detect", str(tmp_path / "e" / "field0.enhanced.tif"), "-o", str(tmp_path / "d"), "-q"]) == 0
+    assert main(["run", str(images / "field0.tif"), "-o", str(tmp_path / "r"), "-q"]) == 0
+    detected = read_rows(tmp_path / "d" / "field0.enhanced.spots.csv")
+    ran = read_rows(tmp_path / "r" / "field0.spots.csv")
+    assert [r[:3] for r in detected] == [r[:3] for r in ran]
+
+
+def test_corrupt_file_is_reported_and_skipped(images, tmp_path, capsys):
+    (images / "broken.tif").write_bytes(b"II*\x00garbage")
+    out = tmp_path / "out"
+    assert main(["run", str(images), "-o", str(out), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.tif" in captured.err and "3 done, 0 skipped, 1 failed" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["field0.spots.csv", "field1.spots.csv", "field2.spots.csv"]
+
+
+def test_resume_skips_and_nothing_is_overwritten_silently(images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(images / "field0.tif"), "-o", str(out), "-q"]) == 0
+    before = (out / "field0.spots.csv").stat().st_mtime_ns
+    assert main(["run", str(images), "-o", str(out), "--resume", "-q"]) == 0
+    assert "2 done, 1 skipped, 0 failed" in capsys.readouterr().out
+    assert (out / "field0.spots.csv").stat().st_mtime_ns == before
+    assert main(["run", str(images), "-o", str(out), "-q"]) == 1  # outputs exist, no flag
+    assert "0 done, 0 skipped, 3 failed" in capsys.readouterr().out
+    assert (out / "field0.spots.csv").stat().st_mtime_ns == before
+    assert main(["run", str(images / "field0.tif"), "-o", str(out), "--overwrite", "-q"]) == 0
+    assert (out / "field0.spots.csv").stat().st_mtime_ns != before
+
+
+def test_simulate_writes_a_dataset(tmp_path):
+    assert main(["simulate", str(tmp_path / "sim"), "-n", "3", "--recipe", "ds_fixed", "--spots", "10", "20"]) == 0
+    assert len(list((tmp_path / "sim" / "images").iterdir())) == 3
+    assert len(list((tmp_path / "sim" / "csv").iterdir())) == 3
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing*.tif"), "-o", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["demo", "--weights", str(tmp_path / "nope.safetensors")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_help_runs_as_a_program():
+    result = subprocess.run([sys.executable, "-m", "deepspot_napari.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "deepspot demo" in result.stdout
