@@ -30,10 +30,15 @@ def as_image_stack(image, name: str = "image") -> np.ndarray:
     return image
 
 
-def scale_plane(plane: np.ndarray, where: str = "image") -> np.ndarray:
-    """The reference input scaling: float32, divided by the plane's own maximum."""
+def scale_plane(plane: np.ndarray, where: str = "image", max_value: float | None = None) -> np.ndarray:
+    """The reference input scaling: float32, divided by the plane's own maximum (or by max_value,
+    e.g. the maximum of the whole image a block was cut from)."""
     plane = plane.astype(np.float32, copy=False)
     peak, low = float(plane.max()), float(plane.min())
+    if max_value is not None:
+        if not np.isfinite(max_value) or max_value < peak:
+            raise ValueError(f"max_value {max_value} must be finite and at least the {where}'s maximum {peak}")
+        peak = float(max_value)
     if peak <= 0:
         raise ValueError(f"{where} has maximum {peak}; the reference scaling divides by the maximum, so an "
                          "all-zero or non-positive image cannot be enhanced")

@@ -113,7 +113,7 @@ class Model:
         with self._lock:
             return self._network.forward(np.ascontiguousarray(batch, dtype=np.float32), first_stage, last_stage)
 
-    def enhance(self, image, *, tile_size: int | None = 512, batch_size: int = 4,
+    def enhance(self, image, *, tile_size: int | None = 512, batch_size: int = 4, max_value: float | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> np.ndarray:
         """Enhances a 2D image (Y, X) or a stack (..., Y, X) of any integer or float dtype and any size.
@@ -122,7 +122,8 @@ class Model:
         multiple of 8. Large planes are processed in windows of tile_size pixels, stage by stage
         (encoder, trunk, decoder), each window carrying a halo as wide as the stage's receptive
         field: the result equals a whole-plane pass (tile_size=None) while memory stays bounded by
-        the window size. Returns float32 in [0, 1] of the input's shape. progress(done, total) is
+        the window size. max_value replaces each plane's maximum in the scaling (for a block of a
+        larger image, pass the whole image's maximum). Returns float32 in [0, 1] of the input's shape. progress(done, total) is
         called after each batch of windows; if cancel() returns True the run stops with Cancelled."""
         image = as_image_stack(image)
         if tile_size is not None and (tile_size < 128 or tile_size % (2 * SIZE_MULTIPLE)):
@@ -152,7 +153,7 @@ class Model:
         out = np.empty(planes.shape, np.float32)
         for index, plane in enumerate(planes):
             where = "image" if len(planes) == 1 else f"plane {index} of the stack"
-            scaled = scale_plane(plane, where)
+            scaled = scale_plane(plane, where, max_value)
             h, w = scaled.shape
             padded = np.pad(scaled, ((0, padded_shape[0] - h), (0, padded_shape[1] - w)), mode="symmetric")
             features = np.empty(cells + (384,), np.float32)
