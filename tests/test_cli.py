@@ -2,14 +2,17 @@
 a corrupt file in a batch is reported and skipped; --resume skips finished outputs; nothing is
 overwritten silently."""
 import csv
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
+import deepspot_napari
 from deepspot_napari.cli import main
 
 
@@ -96,6 +99,9 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_help_runs_as_a_program():
-    result = subprocess.run([sys.executable, "-m", "deepspot_napari.cli", "--help"], capture_output=True, text=True)
+def test_help_runs_as_a_program(tmp_path):
+    """As a separate program, importing the same deepspot_napari as this test (installed or in-tree)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(deepspot_napari.__file__).parent.parent)}
+    result = subprocess.run([sys.executable, "-m", "deepspot_napari.cli", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)
     assert result.returncode == 0 and "deepspot demo" in result.stdout
