@@ -610,3 +610,91 @@ ds_status model_forward(ds_model *m, int batch, int height, int width, const flo
 {
     return model_forward_stages(m, STAGE_ENCODER, STAGE_DECODER, batch, height, width, input, output);
 }
+
+/* ---------------------------------------------------------------- parameters in memory (training) */
+
+void model_param_table(model_params *p, ds_param_table *out)
+{
+    param_table t;
+    params_table(p, &t);
+    out->count = t.count;
+    for (int i = 0; i < t.count; i++) {
+        ds_param_entry *e = &out->entries[i];
+        memcpy(e->name, t.entries[i].name, sizeof e->name);
+        e->ndim = t.entries[i].ndim;
+        memcpy(e->shape, t.entries[i].shape, sizeof e->shape);
+        e->count = entry_count(&t.entries[i]);
+        e->slot = t.entries[i].slot;
+    }
+}
+
+size_t model_param_floats(void)
+{
+    model_params p;
+    param_table *t = malloc(sizeof *t);
+    if (!t)
+        return 0;
+    params_table(&p, t);
+    size_t n = 0;
+    for (int i = 0; i < t->count; i++)
+        n += entry_count(&t->entries[i]);
+    free(t);
+    return n;
+}
+
+void model_params_bind(model_params *p, float *arena)
+{
+    param_table *t = malloc(sizeof *t);
+    if (!t)
+        return;
+    params_table(p, t);
+    size_t offset = 0;
+    for (int i = 0; i < t->count; i++) {
+        *t->entries[i].slot = arena + offset;
+        offset += entry_count(&t->entries[i]);
+    }
+    free(t);
+}
+
+ds_status model_from_parameters(ds_model **out, const model_params *src)
+{
+    ds_model *m = calloc(1, sizeof *m);
+    param_table *table = malloc(sizeof *table), *src_table = malloc(sizeof *src_table);
+    model_params copy = *src;
+    ds_status rc = DS_OK;
+    if (!m || !table || !src_table) {
+        rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    params_table(&m->params, table);
+    params_table(&copy, src_table);
+    for (int i = 0; i < table->count; i++)
+        m->n_params += entry_count(&table->entries[i]);
+    m->param_arena = malloc(m->n_params * sizeof(float));
+    if (!m->param_arena) {
+        rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    size_t offset = 0;
+    for (int i = 0; i < table->count && rc == DS_OK; i++) {
+        size_t count = entry_count(&table->entries[i]);
+        const float *from = *src_table->entries[i].slot;
+        *table->entries[i].slot = m->param_arena + offset;
+        memcpy(*table->entries[i].slot, from, count * sizeof(float));
+        for (size_t k = 0; k < count && rc == DS_OK; k++)
+            if (!isfinite(from[k]))
+                rc = ds_fail(DS_ERR_VALUE, "parameter '%s' holds NaN or Inf values", table->entries[i].name);
+        offset += count;
+    }
+    if (rc == DS_OK)
+        rc = backend_create(&m->backend);
+done:
+    free(table);
+    free(src_table);
+    if (rc != DS_OK) {
+        model_free(m);
+        return rc;
+    }
+    *out = m;
+    return DS_OK;
+}

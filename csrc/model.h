@@ -68,4 +68,31 @@ ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int
  * Not thread-safe: one call at a time per model. */
 ds_status model_forward(ds_model *model, int batch, int height, int width, const float *input, float *output);
 
+/* ---- the parameter table, for training and checkpoints (csrc/train.c) ---- */
+
+#define DS_MAX_PARAM_ENTRIES 512
+
+typedef struct {
+    char name[96];  /* the safetensors name, e.g. "trunk.block01.conv2.weight" */
+    int ndim;
+    int shape[4];
+    size_t count;   /* number of floats */
+    float **slot;   /* the pointer of the model_params that the table was made from */
+} ds_param_entry;
+
+typedef struct {
+    ds_param_entry entries[DS_MAX_PARAM_ENTRIES];
+    int count;
+} ds_param_table;
+
+/* Every tensor of the architecture in its fixed order (the order of model_params_bind). Also fills
+ * p's channel and kernel fields; p's pointers are only referenced, not read. */
+void model_param_table(model_params *p, ds_param_table *table);
+/* Number of floats of all tensors together (4,037,249). */
+size_t model_param_floats(void);
+/* Points every tensor of p into arena (model_param_floats() floats), in table order. */
+void model_params_bind(model_params *p, float *arena);
+/* An inference model from parameters in memory (copied; p's pointers must all be set). */
+ds_status model_from_parameters(ds_model **model, const model_params *p);
+
 #endif

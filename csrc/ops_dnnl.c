@@ -412,3 +412,440 @@ ds_status concat_forward(ds_op *op, const float *const *srcs, float *dst)
     DS_TRY(set_io(op, n_inputs, dst));
     return execute(op);
 }
+
+/* ================================================================ training ops
+ * Each training op keeps its primitives (forward, backward data, backward weights) and the
+ * memory objects of their arguments; caller buffers are bound with set_data_handle on each call.
+ * Weights and weight gradients are exchanged in the plain [out, in, k, k] layout: when a
+ * primitive prefers a blocked layout, a reorder primitive (built once) converts them. */
+
+#define TOP_MAX_MEMS 24
+
+typedef struct {
+    dnnl_primitive_t primitive;
+    int nargs;
+    dnnl_exec_arg_t args[OP_MAX_ARGS];
+} exec_step;
+
+struct ds_train_op {
+    ds_backend *backend;
+    int training, need_dsrc;
+    exec_step fwd, bwd_data, bwd_weights, reorder_w_fwd, reorder_w_bwd, reorder_dw;
+    /* memories bound to caller buffers (NULL when unused) */
+    dnnl_memory_t src, dst, weight, bias, dsrc, ddst, dweight, dbias;
+    dnnl_memory_t scale, shift, mean, variance, dscale, dshift;
+    int n_mems;
+    dnnl_memory_t mems[TOP_MAX_MEMS]; /* every memory object, destroyed with the op */
+};
+
+void train_op_destroy(ds_train_op *op)
+{
+    if (!op)
+        return;
+    exec_step *steps[] = {&op->fwd, &op->bwd_data, &op->bwd_weights, &op->reorder_w_fwd, &op->reorder_w_bwd,
+                          &op->reorder_dw};
+    for (size_t i = 0; i < sizeof steps / sizeof *steps; i++)
+        if (steps[i]->primitive)
+            dnnl_primitive_destroy(steps[i]->primitive);
+    for (int i = 0; i < op->n_mems; i++)
+        dnnl_memory_destroy(op->mems[i]);
+    free(op);
+}
+
+static ds_status top_alloc(ds_train_op **op, ds_backend *backend)
+{
+    *op = calloc(1, sizeof **op);
+    if (!*op)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    (*op)->backend = backend;
+    return DS_OK;
+}
+
+/* A memory object of the op: allocate = 1 gives it its own buffer, 0 leaves the handle to the caller. */
+static ds_status top_mem(ds_train_op *op, dnnl_memory_t *mem, const_dnnl_memory_desc_t md, int allocate)
+{
+    if (op->n_mems == TOP_MAX_MEMS)
+        return ds_fail(DS_ERR_BACKEND, "training op: too many memory objects");
+    DNNL_TRY(dnnl_memory_create(mem, md, op->backend->engine, allocate ? DNNL_MEMORY_ALLOCATE : DNNL_MEMORY_NONE),
+             "memory");
+    op->mems[op->n_mems++] = *mem;
+    return DS_OK;
+}
+
+static void step_arg(exec_step *s, int arg, dnnl_memory_t mem) { s->args[s->nargs++] = (dnnl_exec_arg_t){arg, mem}; }
+
+/* Takes ownership of pd. */
+static ds_status step_create(exec_step *s, dnnl_primitive_desc_t pd, const char *what)
+{
+    dnnl_status_t rc = dnnl_primitive_create(&s->primitive, pd);
+    dnnl_primitive_desc_destroy(pd);
+    if (rc != dnnl_success)
+        return ds_fail(DS_ERR_BACKEND, "oneDNN: cannot create the %s primitive (status %d)", what, (int)rc);
+    return DS_OK;
+}
+
+static ds_status step_reorder(ds_train_op *op, exec_step *s, dnnl_memory_t from, dnnl_memory_t to)
+{
+    const_dnnl_memory_desc_t from_md, to_md;
+    DNNL_TRY(dnnl_memory_get_memory_desc(from, &from_md), "memory descriptor query");
+    DNNL_TRY(dnnl_memory_get_memory_desc(to, &to_md), "memory descriptor query");
+    dnnl_primitive_desc_t pd;
+    DNNL_TRY(dnnl_reorder_primitive_desc_create(&pd, from_md, op->backend->engine, to_md, op->backend->engine, NULL),
+             "reorder primitive descriptor");
+    step_arg(s, DNNL_ARG_FROM, from);
+    step_arg(s, DNNL_ARG_TO, to);
+    return step_create(s, pd, "reorder");
+}
+
+static ds_status step_run(ds_train_op *op, exec_step *s)
+{
+    if (!s->primitive)
+        return DS_OK;
+    DNNL_TRY(dnnl_primitive_execute(s->primitive, op->backend->stream, s->nargs, s->args), "execution");
+    return DS_OK;
+}
+
+static ds_status bind(dnnl_memory_t mem, const void *data)
+{
+    DNNL_TRY(dnnl_memory_set_data_handle(mem, (void *)data), "set data handle");
+    return DS_OK;
+}
+
+/* ---- convolution and transposed convolution: forward (training), backward data, backward weights ---- */
+
+ds_status conv_train_create(ds_train_op **op_out, ds_backend *backend, const conv_desc *d, int need_dsrc)
+{
+    if (d->post)
+        return ds_fail(DS_ERR_VALUE, "training convolution: post-ops are not supported");
+    DS_TRY(conv_check(d));
+    ds_train_op *op;
+    DS_TRY(top_alloc(&op, backend));
+    op->need_dsrc = need_dsrc;
+    op->training = 1;
+    dnnl_memory_desc_t src_md = NULL, dst_md = NULL, any_w = NULL, user_w = NULL, bias_md = NULL;
+    dnnl_primitive_desc_t fwd_pd = NULL, bwd_data_pd = NULL, bwd_weights_pd = NULL;
+    ds_status rc = DS_OK;
+    dnnl_dims_t weight_dims = {d->out_channels, d->in_channels, d->kernel, d->kernel};
+    dnnl_dims_t strides = {d->stride, d->stride}, dilates = {d->dilation - 1, d->dilation - 1};
+    dnnl_dims_t pad_l = {d->pad_before, d->pad_before}, pad_r = {d->pad_after, d->pad_after};
+    dnnl_engine_t engine = backend->engine;
+    dnnl_alg_kind_t alg = d->transposed ? dnnl_deconvolution_direct : dnnl_convolution_direct;
+    const char *what = d->transposed ? "transposed convolution" : "convolution";
+
+    if ((rc = nhwc_desc(&src_md, d->batch, d->in_channels, d->in_height, d->in_width)) ||
+        (rc = nhwc_desc(&dst_md, d->batch, d->out_channels, d->out_height, d->out_width)) ||
+        (rc = vector_desc(&bias_md, d->out_channels)))
+        goto done;
+    if (dnnl_memory_desc_create_with_tag(&any_w, 4, weight_dims, dnnl_f32, dnnl_format_tag_any) ||
+        dnnl_memory_desc_create_with_tag(&user_w, 4, weight_dims, dnnl_f32, dnnl_oihw)) {
+        rc = ds_fail(DS_ERR_BACKEND, "oneDNN: weight memory descriptor");
+        goto done;
+    }
+    dnnl_status_t st = d->transposed
+        ? dnnl_deconvolution_forward_primitive_desc_create(&fwd_pd, engine, dnnl_forward_training, alg, src_md, any_w,
+                                                           bias_md, dst_md, strides, dilates, pad_l, pad_r, NULL)
+        : dnnl_convolution_forward_primitive_desc_create(&fwd_pd, engine, dnnl_forward_training, alg, src_md, any_w,
+                                                         bias_md, dst_md, strides, dilates, pad_l, pad_r, NULL);
+    if (st == dnnl_success && need_dsrc)
+        st = d->transposed
+            ? dnnl_deconvolution_backward_data_primitive_desc_create(&bwd_data_pd, engine, alg, src_md, any_w, dst_md,
+                                                                     strides, dilates, pad_l, pad_r, fwd_pd, NULL)
+            : dnnl_convolution_backward_data_primitive_desc_create(&bwd_data_pd, engine, alg, src_md, any_w, dst_md,
+                                                                   strides, dilates, pad_l, pad_r, fwd_pd, NULL);
+    if (st == dnnl_success)
+        st = d->transposed
+            ? dnnl_deconvolution_backward_weights_primitive_desc_create(&bwd_weights_pd, engine, alg, src_md, any_w,
+                                                                        bias_md, dst_md, strides, dilates, pad_l,
+                                                                        pad_r, fwd_pd, NULL)
+            : dnnl_convolution_backward_weights_primitive_desc_create(&bwd_weights_pd, engine, alg, src_md, any_w,
+                                                                      bias_md, dst_md, strides, dilates, pad_l, pad_r,
+                                                                      fwd_pd, NULL);
+    if (st != dnnl_success) {
+        rc = ds_fail(DS_ERR_BACKEND, "oneDNN: no training %s implementation for this shape (status %d)", what, (int)st);
+        goto done;
+    }
+    /* forward: SRC, WEIGHTS (reordered from the caller's plain layout if needed), BIAS -> DST */
+    const_dnnl_memory_desc_t w_fwd_md = dnnl_primitive_desc_query_md(fwd_pd, dnnl_query_weights_md, 0);
+    dnnl_memory_t w_fwd;
+    if ((rc = top_mem(op, &op->src, src_md, 0)) || (rc = top_mem(op, &op->dst, dst_md, 0)) ||
+        (rc = top_mem(op, &op->weight, user_w, 0)) || (rc = top_mem(op, &op->bias, bias_md, 0)) ||
+        (rc = top_mem(op, &op->ddst, dst_md, 0)) || (rc = top_mem(op, &op->dweight, user_w, 0)) ||
+        (rc = top_mem(op, &op->dbias, bias_md, 0)))
+        goto done;
+    if (dnnl_memory_desc_equal(w_fwd_md, user_w)) {
+        w_fwd = op->weight;
+    } else if ((rc = top_mem(op, &w_fwd, w_fwd_md, 1)) || (rc = step_reorder(op, &op->reorder_w_fwd, op->weight, w_fwd))) {
+        goto done;
+    }
+    step_arg(&op->fwd, DNNL_ARG_SRC, op->src);
+    step_arg(&op->fwd, DNNL_ARG_WEIGHTS, w_fwd);
+    step_arg(&op->fwd, DNNL_ARG_BIAS, op->bias);
+    step_arg(&op->fwd, DNNL_ARG_DST, op->dst);
+    /* backward data: DIFF_DST, WEIGHTS -> DIFF_SRC */
+    if (need_dsrc) {
+        const_dnnl_memory_desc_t w_bwd_md = dnnl_primitive_desc_query_md(bwd_data_pd, dnnl_query_weights_md, 0);
+        dnnl_memory_t w_bwd;
+        if ((rc = top_mem(op, &op->dsrc, src_md, 0)))
+            goto done;
+        if (dnnl_memory_desc_equal(w_bwd_md, w_fwd_md)) {
+            w_bwd = w_fwd;
+        } else if ((rc = top_mem(op, &w_bwd, w_bwd_md, 1)) ||
+                   (rc = step_reorder(op, &op->reorder_w_bwd, w_fwd, w_bwd))) {
+            goto done;
+        }
+        step_arg(&op->bwd_data, DNNL_ARG_DIFF_DST, op->ddst);
+        step_arg(&op->bwd_data, DNNL_ARG_WEIGHTS, w_bwd);
+        step_arg(&op->bwd_data, DNNL_ARG_DIFF_SRC, op->dsrc);
+    }
+    /* backward weights: SRC, DIFF_DST -> DIFF_WEIGHTS (reordered to the caller's layout), DIFF_BIAS */
+    const_dnnl_memory_desc_t dw_md = dnnl_primitive_desc_query_md(bwd_weights_pd, dnnl_query_diff_weights_md, 0);
+    dnnl_memory_t dw;
+    if (dnnl_memory_desc_equal(dw_md, user_w)) {
+        dw = op->dweight;
+    } else if ((rc = top_mem(op, &dw, dw_md, 1)) || (rc = step_reorder(op, &op->reorder_dw, dw, op->dweight))) {
+        goto done;
+    }
+    step_arg(&op->bwd_weights, DNNL_ARG_SRC, op->src);
+    step_arg(&op->bwd_weights, DNNL_ARG_DIFF_DST, op->ddst);
+    step_arg(&op->bwd_weights, DNNL_ARG_DIFF_WEIGHTS, dw);
+    step_arg(&op->bwd_weights, DNNL_ARG_DIFF_BIAS, op->dbias);
+
+    rc = step_create(&op->fwd, fwd_pd, what);
+    fwd_pd = NULL;
+    if (rc == DS_OK && need_dsrc) {
+        rc = step_create(&op->bwd_data, bwd_data_pd, what);
+        bwd_data_pd = NULL;
+    }
+    if (rc == DS_OK) {
+        rc = step_create(&op->bwd_weights, bwd_weights_pd, what);
+        bwd_weights_pd = NULL;
+    }
+done:
+    if (fwd_pd)
+        dnnl_primitive_desc_destroy(fwd_pd);
+    if (bwd_data_pd)
+        dnnl_primitive_desc_destroy(bwd_data_pd);
+    if (bwd_weights_pd)
+        dnnl_primitive_desc_destroy(bwd_weights_pd);
+    dnnl_memory_desc_destroy(src_md);
+    dnnl_memory_desc_destroy(dst_md);
+    dnnl_memory_desc_destroy(any_w);
+    dnnl_memory_desc_destroy(user_w);
+    dnnl_memory_desc_destroy(bias_md);
+    if (rc != DS_OK)
+        train_op_destroy(op);
+    else
+        *op_out = op;
+    return rc;
+}
+
+ds_status conv_train_forward(ds_train_op *op, float *dst, const float *src, const float *weight, const float *bias)
+{
+    DS_TRY(bind(op->src, src));
+    DS_TRY(bind(op->dst, dst));
+    DS_TRY(bind(op->weight, weight));
+    DS_TRY(bind(op->bias, bias));
+    DS_TRY(step_run(op, &op->reorder_w_fwd));
+    return step_run(op, &op->fwd);
+}
+
+ds_status conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbias, const float *ddst,
+                        const float *src)
+{
+    DS_TRY(bind(op->ddst, ddst));
+    if (dsrc) {
+        if (!op->need_dsrc)
+            return ds_fail(DS_ERR_VALUE, "convolution backward: built without the data gradient");
+        DS_TRY(bind(op->dsrc, dsrc));
+        DS_TRY(step_run(op, &op->reorder_w_bwd));
+        DS_TRY(step_run(op, &op->bwd_data));
+    }
+    if (dweight) {
+        if (!dbias)
+            return ds_fail(DS_ERR_VALUE, "convolution backward: dweight without dbias");
+        DS_TRY(bind(op->src, src));
+        DS_TRY(bind(op->dweight, dweight));
+        DS_TRY(bind(op->dbias, dbias));
+        DS_TRY(step_run(op, &op->bwd_weights));
+        DS_TRY(step_run(op, &op->reorder_dw));
+    }
+    return DS_OK;
+}
+
+/* ---- batch norm (+ ReLU), training and inference with statistics passed per call ---- */
+
+ds_status batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                 int width, float epsilon, int relu, int training)
+{
+    ds_train_op *op;
+    DS_TRY(top_alloc(&op, backend));
+    op->training = training;
+    dnnl_memory_desc_t md = NULL, vec_md = NULL;
+    dnnl_primitive_desc_t fwd_pd = NULL, bwd_pd = NULL;
+    ds_status rc;
+    unsigned flags = dnnl_use_scale | dnnl_use_shift | (relu ? dnnl_fuse_norm_relu : 0) |
+                     (training ? 0 : dnnl_use_global_stats);
+    if ((rc = nhwc_desc(&md, batch, channels, height, width)) || (rc = vector_desc(&vec_md, channels)))
+        goto done;
+    if (dnnl_batch_normalization_forward_primitive_desc_create(&fwd_pd, backend->engine,
+                                                               training ? dnnl_forward_training
+                                                                        : dnnl_forward_inference,
+                                                               md, md, epsilon, flags, NULL) != dnnl_success ||
+        (training && dnnl_batch_normalization_backward_primitive_desc_create(&bwd_pd, backend->engine, dnnl_backward,
+                                                                             md, md, md, epsilon, flags, fwd_pd,
+                                                                             NULL) != dnnl_success)) {
+        rc = ds_fail(DS_ERR_BACKEND, "oneDNN: training batch norm primitive descriptor");
+        goto done;
+    }
+    dnnl_memory_t workspace = NULL;
+    if ((rc = top_mem(op, &op->src, md, 0)) || (rc = top_mem(op, &op->dst, md, 0)) ||
+        (rc = top_mem(op, &op->scale, vec_md, 0)) || (rc = top_mem(op, &op->shift, vec_md, 0)) ||
+        (rc = top_mem(op, &op->mean, vec_md, 0)) || (rc = top_mem(op, &op->variance, vec_md, 0)))
+        goto done;
+    if (training && relu &&
+        (rc = top_mem(op, &workspace, dnnl_primitive_desc_query_md(fwd_pd, dnnl_query_workspace_md, 0), 1)))
+        goto done;
+    step_arg(&op->fwd, DNNL_ARG_SRC, op->src);
+    step_arg(&op->fwd, DNNL_ARG_DST, op->dst);
+    step_arg(&op->fwd, DNNL_ARG_SCALE, op->scale);
+    step_arg(&op->fwd, DNNL_ARG_SHIFT, op->shift);
+    step_arg(&op->fwd, DNNL_ARG_MEAN, op->mean);
+    step_arg(&op->fwd, DNNL_ARG_VARIANCE, op->variance);
+    if (workspace)
+        step_arg(&op->fwd, DNNL_ARG_WORKSPACE, workspace);
+    if (training) {
+        if ((rc = top_mem(op, &op->dsrc, md, 0)) || (rc = top_mem(op, &op->ddst, md, 0)) ||
+            (rc = top_mem(op, &op->dscale, vec_md, 0)) || (rc = top_mem(op, &op->dshift, vec_md, 0)))
+            goto done;
+        step_arg(&op->bwd_data, DNNL_ARG_SRC, op->src);
+        step_arg(&op->bwd_data, DNNL_ARG_MEAN, op->mean);
+        step_arg(&op->bwd_data, DNNL_ARG_VARIANCE, op->variance);
+        step_arg(&op->bwd_data, DNNL_ARG_DIFF_DST, op->ddst);
+        step_arg(&op->bwd_data, DNNL_ARG_SCALE, op->scale);
+        if (workspace)
+            step_arg(&op->bwd_data, DNNL_ARG_WORKSPACE, workspace);
+        step_arg(&op->bwd_data, DNNL_ARG_DIFF_SRC, op->dsrc);
+        step_arg(&op->bwd_data, DNNL_ARG_DIFF_SCALE, op->dscale);
+        step_arg(&op->bwd_data, DNNL_ARG_DIFF_SHIFT, op->dshift);
+    }
+    rc = step_create(&op->fwd, fwd_pd, "batch norm");
+    fwd_pd = NULL;
+    if (rc == DS_OK && training) {
+        rc = step_create(&op->bwd_data, bwd_pd, "batch norm backward");
+        bwd_pd = NULL;
+    }
+done:
+    if (fwd_pd)
+        dnnl_primitive_desc_destroy(fwd_pd);
+    if (bwd_pd)
+        dnnl_primitive_desc_destroy(bwd_pd);
+    dnnl_memory_desc_destroy(md);
+    dnnl_memory_desc_destroy(vec_md);
+    if (rc != DS_OK)
+        train_op_destroy(op);
+    else
+        *op_out = op;
+    return rc;
+}
+
+ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, float *variance, const float *src,
+                                  const float *gamma, const float *beta)
+{
+    DS_TRY(bind(op->src, src));
+    DS_TRY(bind(op->dst, dst));
+    DS_TRY(bind(op->mean, mean));
+    DS_TRY(bind(op->variance, variance));
+    DS_TRY(bind(op->scale, gamma));
+    DS_TRY(bind(op->shift, beta));
+    return step_run(op, &op->fwd);
+}
+
+ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, const float *ddst,
+                             const float *src, const float *mean, const float *variance, const float *gamma)
+{
+    if (!op->training)
+        return ds_fail(DS_ERR_VALUE, "batch norm backward: the op was built for inference");
+    DS_TRY(bind(op->src, src));
+    DS_TRY(bind(op->mean, mean));
+    DS_TRY(bind(op->variance, variance));
+    DS_TRY(bind(op->scale, gamma));
+    DS_TRY(bind(op->ddst, ddst));
+    DS_TRY(bind(op->dsrc, dsrc));
+    DS_TRY(bind(op->dscale, dgamma));
+    DS_TRY(bind(op->dshift, dbeta));
+    return step_run(op, &op->bwd_data);
+}
+
+/* ---- max pooling with its arg-max workspace ---- */
+
+ds_status maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                               int width, int out_height, int out_width, int kernel, int stride, int pad_before,
+                               int pad_after)
+{
+    if ((height + pad_before + pad_after - kernel) / stride + 1 != out_height ||
+        (width + pad_before + pad_after - kernel) / stride + 1 != out_width)
+        return ds_fail(DS_ERR_VALUE, "max-pool: inconsistent shape");
+    ds_train_op *op;
+    DS_TRY(top_alloc(&op, backend));
+    op->training = 1;
+    dnnl_memory_desc_t src_md = NULL, dst_md = NULL;
+    dnnl_primitive_desc_t fwd_pd = NULL, bwd_pd = NULL;
+    ds_status rc;
+    dnnl_dims_t strides = {stride, stride}, kernels = {kernel, kernel}, dilation = {0, 0};
+    dnnl_dims_t pad_l = {pad_before, pad_before}, pad_r = {pad_after, pad_after};
+    if ((rc = nhwc_desc(&src_md, batch, channels, height, width)) ||
+        (rc = nhwc_desc(&dst_md, batch, channels, out_height, out_width)))
+        goto done;
+    if (dnnl_pooling_forward_primitive_desc_create(&fwd_pd, backend->engine, dnnl_forward_training, dnnl_pooling_max,
+                                                   src_md, dst_md, strides, kernels, dilation, pad_l, pad_r,
+                                                   NULL) != dnnl_success ||
+        dnnl_pooling_backward_primitive_desc_create(&bwd_pd, backend->engine, dnnl_pooling_max, src_md, dst_md,
+                                                    strides, kernels, dilation, pad_l, pad_r, fwd_pd,
+                                                    NULL) != dnnl_success) {
+        rc = ds_fail(DS_ERR_BACKEND, "oneDNN: training pooling primitive descriptor");
+        goto done;
+    }
+    dnnl_memory_t workspace;
+    if ((rc = top_mem(op, &op->src, src_md, 0)) || (rc = top_mem(op, &op->dst, dst_md, 0)) ||
+        (rc = top_mem(op, &op->dsrc, src_md, 0)) || (rc = top_mem(op, &op->ddst, dst_md, 0)) ||
+        (rc = top_mem(op, &workspace, dnnl_primitive_desc_query_md(fwd_pd, dnnl_query_workspace_md, 0), 1)))
+        goto done;
+    step_arg(&op->fwd, DNNL_ARG_SRC, op->src);
+    step_arg(&op->fwd, DNNL_ARG_DST, op->dst);
+    step_arg(&op->fwd, DNNL_ARG_WORKSPACE, workspace);
+    step_arg(&op->bwd_data, DNNL_ARG_DIFF_DST, op->ddst);
+    step_arg(&op->bwd_data, DNNL_ARG_WORKSPACE, workspace);
+    step_arg(&op->bwd_data, DNNL_ARG_DIFF_SRC, op->dsrc);
+    rc = step_create(&op->fwd, fwd_pd, "pooling");
+    fwd_pd = NULL;
+    if (rc == DS_OK) {
+        rc = step_create(&op->bwd_data, bwd_pd, "pooling backward");
+        bwd_pd = NULL;
+    }
+done:
+    if (fwd_pd)
+        dnnl_primitive_desc_destroy(fwd_pd);
+    if (bwd_pd)
+        dnnl_primitive_desc_destroy(bwd_pd);
+    dnnl_memory_desc_destroy(src_md);
+    dnnl_memory_desc_destroy(dst_md);
+    if (rc != DS_OK)
+        train_op_destroy(op);
+    else
+        *op_out = op;
+    return rc;
+}
+
+ds_status maxpool_train_forward(ds_train_op *op, float *dst, const float *src)
+{
+    DS_TRY(bind(op->src, src));
+    DS_TRY(bind(op->dst, dst));
+    return step_run(op, &op->fwd);
+}
+
+ds_status maxpool_backward(ds_train_op *op, float *dsrc, const float *ddst)
+{
+    DS_TRY(bind(op->ddst, ddst));
+    DS_TRY(bind(op->dsrc, dsrc));
+    return step_run(op, &op->bwd_data);
+}

@@ -586,10 +586,784 @@ static PyObject *py_merge_plane_spots(PyObject *self, PyObject *args)
 /* --- detection glue: end --- */
 
 /* --- training glue: begin --- */
+/* Training (csrc/train.c): the Trainer type, and each training op on its own for the tests. */
+#include "train.h"
+
+static int parse_mode(const char *value, const char *what, const char *const *names, int n, int *out)
+{
+    char choices[128] = "";
+    for (int i = 0; i < n; i++) {
+        if (strcmp(value, names[i]) == 0) {
+            *out = i;
+            return 0;
+        }
+        snprintf(choices + strlen(choices), sizeof choices - strlen(choices), "%s'%s'", i ? ", " : "", names[i]);
+    }
+    PyErr_Format(PyExc_ValueError, "%s must be one of %s, got '%s'", what, choices, value);
+    return -1;
+}
+
+static const char *const bce_names[] = {"logits", "clipped"};
+static const char *const max_names[] = {"batch", "per_image", "none"};
+
+/* A [batch, height, width] float32 C-contiguous array (None allowed when optional). */
+static PyArrayObject *as_bhw(PyObject *obj, const char *what)
+{
+    PyArrayObject *a = as_float32_array(obj, 3, what);
+    if (a && (PyArray_DIM(a, 0) > INT32_MAX || PyArray_DIM(a, 1) > INT32_MAX || PyArray_DIM(a, 2) > INT32_MAX)) {
+        Py_DECREF(a);
+        PyErr_Format(PyExc_ValueError, "%s is too large", what);
+        return NULL;
+    }
+    return a;
+}
+
+typedef struct {
+    PyObject_HEAD
+    ds_trainer *trainer;
+    PyThread_type_lock lock;
+} TrainerObject;
+
+static int Trainer_init(TrainerObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"network", "learning_rate", "beta1", "beta2", "epsilon", "dropout", "bn_momentum",
+                               "bn_bessel", "bce", "max_term", "seed", NULL};
+    PyObject *network;
+    ds_train_config cfg;
+    train_config_default(&cfg);
+    const char *bce = "logits", *max_term = "batch";
+    int bessel = 0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!|$fddffdpssK", keywords, &NetworkType, &network,
+                                     &cfg.learning_rate, &cfg.beta1, &cfg.beta2, &cfg.adam_epsilon, &cfg.dropout_rate,
+                                     &cfg.bn_momentum, &bessel, &bce, &max_term, &seed))
+        return -1;
+    if (parse_mode(bce, "bce", bce_names, 2, &cfg.bce_mode) < 0 ||
+        parse_mode(max_term, "max_term", max_names, 3, &cfg.max_mode) < 0)
+        return -1;
+    cfg.bn_bessel = bessel;
+    cfg.seed = seed;
+    ds_model *model = ((NetworkObject *)network)->model;
+    if (!model) {
+        PyErr_SetString(PyExc_RuntimeError, "network is not loaded");
+        return -1;
+    }
+    if (!self->lock && !(self->lock = PyThread_allocate_lock())) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    ds_trainer *trainer = NULL;
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = trainer_create(&trainer, model_parameters(model), &cfg);
+    Py_END_ALLOW_THREADS
+    if (rc != DS_OK) {
+        raise_status(rc);
+        return -1;
+    }
+    trainer_free(self->trainer);
+    self->trainer = trainer;
+    return 0;
+}
+
+static void Trainer_dealloc(TrainerObject *self)
+{
+    trainer_free(self->trainer);
+    if (self->lock)
+        PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Takes the trainer for one call (0), or sets RuntimeError (-1): calls never run concurrently. */
+static int trainer_acquire(TrainerObject *self)
+{
+    if (!self->trainer) {
+        PyErr_SetString(PyExc_RuntimeError, "trainer is not initialised");
+        return -1;
+    }
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError, "the trainer is busy in another thread");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *loss_tuple(const ds_loss_value *v) { return Py_BuildValue("(ddd)", v->loss, v->bce, v->max_term); }
+
+/* Parses (images, targets) as two [batch, height, width] float32 arrays of the same shape. */
+static int batch_arguments(PyObject *images_obj, PyObject *targets_obj, PyArrayObject **images,
+                           PyArrayObject **targets, int targets_optional)
+{
+    *targets = NULL;
+    if (!(*images = as_bhw(images_obj, "images")))
+        return -1;
+    if (targets_optional && targets_obj == Py_None)
+        return 0;
+    if (!(*targets = as_bhw(targets_obj, "targets")) || !PyArray_SAMESHAPE(*images, *targets)) {
+        if (*targets)
+            PyErr_SetString(PyExc_ValueError, "targets must have the shape of images");
+        Py_CLEAR(*images);
+        Py_CLEAR(*targets);
+        return -1;
+    }
+    return 0;
+}
+
+typedef ds_status (*trainer_batch_fn)(ds_trainer *, int, int, int, const float *, const float *, ds_loss_value *);
+
+static PyObject *trainer_run_batch(TrainerObject *self, PyObject *args, trainer_batch_fn fn)
+{
+    PyObject *images_obj, *targets_obj;
+    if (!PyArg_ParseTuple(args, "OO", &images_obj, &targets_obj))
+        return NULL;
+    PyArrayObject *images, *targets;
+    if (batch_arguments(images_obj, targets_obj, &images, &targets, 0) < 0)
+        return NULL;
+    if (trainer_acquire(self) < 0) {
+        Py_DECREF(images);
+        Py_DECREF(targets);
+        return NULL;
+    }
+    ds_loss_value value = {0};
+    ds_status rc;
+    npy_intp *d = PyArray_DIMS(images);
+    Py_BEGIN_ALLOW_THREADS
+    rc = fn(self->trainer, (int)d[0], (int)d[1], (int)d[2], PyArray_DATA(images), PyArray_DATA(targets), &value);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    Py_DECREF(images);
+    Py_DECREF(targets);
+    return rc == DS_OK ? loss_tuple(&value) : raise_status(rc);
+}
+
+static PyObject *Trainer_step(TrainerObject *self, PyObject *args)
+{
+    return trainer_run_batch(self, args, trainer_step);
+}
+
+static PyObject *Trainer_gradients(TrainerObject *self, PyObject *args)
+{
+    return trainer_run_batch(self, args, trainer_compute_gradients);
+}
+
+static PyObject *Trainer_evaluate(TrainerObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"images", "targets", NULL};
+    PyObject *images_obj, *targets_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O", keywords, &images_obj, &targets_obj))
+        return NULL;
+    PyArrayObject *images, *targets;
+    if (batch_arguments(images_obj, targets_obj, &images, &targets, 1) < 0)
+        return NULL;
+    npy_intp *d = PyArray_DIMS(images);
+    PyArrayObject *pred = (PyArrayObject *)PyArray_ZEROS(3, d, NPY_FLOAT32, 0);
+    if (!pred || trainer_acquire(self) < 0) {
+        Py_XDECREF(pred);
+        Py_DECREF(images);
+        Py_XDECREF(targets);
+        return NULL;
+    }
+    ds_loss_value value = {0};
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = trainer_evaluate(self->trainer, (int)d[0], (int)d[1], (int)d[2], PyArray_DATA(images),
+                          targets ? PyArray_DATA(targets) : NULL, PyArray_DATA(pred), &value);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    Py_DECREF(images);
+    Py_XDECREF(targets);
+    if (rc != DS_OK) {
+        Py_DECREF(pred);
+        return raise_status(rc);
+    }
+    PyObject *loss = targets_obj == Py_None ? (Py_INCREF(Py_None), Py_None) : loss_tuple(&value);
+    return Py_BuildValue("(NN)", (PyObject *)pred, loss);
+}
+
+static PyObject *Trainer_get(TrainerObject *self, PyObject *arg)
+{
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name || !self->trainer)
+        return name ? PyErr_Format(PyExc_RuntimeError, "trainer is not initialised") : NULL;
+    float *data;
+    const ds_param_entry *e;
+    ds_status rc = trainer_tensor(self->trainer, name, &data, &e);
+    if (rc != DS_OK) {
+        PyErr_SetString(PyExc_KeyError, ds_last_error());
+        return NULL;
+    }
+    npy_intp dims[4];
+    for (int i = 0; i < e->ndim; i++)
+        dims[i] = e->shape[i];
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(e->ndim, dims, NPY_FLOAT32);
+    if (out)
+        memcpy(PyArray_DATA(out), data, e->count * sizeof(float));
+    return (PyObject *)out;
+}
+
+static PyObject *Trainer_set(TrainerObject *self, PyObject *args)
+{
+    const char *name;
+    PyObject *value_obj;
+    if (!PyArg_ParseTuple(args, "sO", &name, &value_obj))
+        return NULL;
+    if (!self->trainer)
+        return PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
+    float *data;
+    const ds_param_entry *e;
+    if (trainer_tensor(self->trainer, name, &data, &e) != DS_OK) {
+        PyErr_SetString(PyExc_KeyError, ds_last_error());
+        return NULL;
+    }
+    PyArrayObject *value = (PyArrayObject *)PyArray_FROM_OTF(value_obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!value)
+        return NULL;
+    int same = PyArray_NDIM(value) == e->ndim;
+    for (int i = 0; same && i < e->ndim; i++)
+        same = PyArray_DIM(value, i) == e->shape[i];
+    const float *src = PyArray_DATA(value);
+    int finite = 1;
+    for (size_t i = 0; same && finite && i < e->count; i++)
+        finite = isfinite(src[i]);
+    if (!same || !finite) {
+        Py_DECREF(value);
+        return PyErr_Format(PyExc_ValueError, "'%s': %s", name,
+                            same ? "values must be finite" : "the array does not have the tensor's shape");
+    }
+    if (trainer_acquire(self) < 0) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    memcpy(data, src, e->count * sizeof(float));
+    PyThread_release_lock(self->lock);
+    Py_DECREF(value);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Trainer_load(TrainerObject *self, PyObject *arg)
+{
+    PyObject *path;
+    if (!PyUnicode_FSConverter(arg, &path))
+        return NULL;
+    if (trainer_acquire(self) < 0) {
+        Py_DECREF(path);
+        return NULL;
+    }
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = trainer_load(self->trainer, PyBytes_AS_STRING(path));
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    Py_DECREF(path);
+    if (rc != DS_OK)
+        return raise_status(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Trainer_to_network(TrainerObject *self, PyObject *unused)
+{
+    if (trainer_acquire(self) < 0)
+        return NULL;
+    ds_model *model = NULL;
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = model_from_parameters(&model, trainer_parameters(self->trainer));
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->lock);
+    if (rc != DS_OK)
+        return raise_status(rc);
+    NetworkObject *network = (NetworkObject *)NetworkType.tp_alloc(&NetworkType, 0);
+    if (!network) {
+        model_free(model);
+        return NULL;
+    }
+    network->model = model;
+    return (PyObject *)network;
+}
+
+static PyObject *Trainer_get_names(TrainerObject *self, void *closure)
+{
+    if (!self->trainer)
+        return PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
+    int n = trainer_num_tensors(self->trainer);
+    PyObject *list = PyList_New(n);
+    for (int i = 0; list && i < n; i++) {
+        PyObject *name = PyUnicode_FromString(trainer_tensor_entry(self->trainer, i)->name);
+        if (!name) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, name);
+    }
+    return list;
+}
+
+static PyObject *Trainer_get_step_count(TrainerObject *self, void *closure)
+{
+    if (!self->trainer)
+        return PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
+    return PyLong_FromLong(trainer_step_count(self->trainer));
+}
+
+static int Trainer_set_step_count(TrainerObject *self, PyObject *value, void *closure)
+{
+    long step = value ? PyLong_AsLong(value) : -1;
+    if (step == -1 && (!value || PyErr_Occurred())) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "step_count must be an int");
+        return -1;
+    }
+    if (step < 0 || !self->trainer) {
+        PyErr_SetString(PyExc_ValueError, "step_count must be >= 0 on an initialised trainer");
+        return -1;
+    }
+    trainer_set_step_count(self->trainer, step);
+    return 0;
+}
+
+static PyObject *Trainer_get_arena_bytes(TrainerObject *self, void *closure)
+{
+    return self->trainer ? PyLong_FromSize_t(trainer_arena_bytes(self->trainer))
+                         : PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
+}
+
+static PyObject *Trainer_get_config(TrainerObject *self, void *closure)
+{
+    if (!self->trainer)
+        return PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
+    const ds_train_config *c = trainer_get_config(self->trainer);
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:O,s:s,s:s,s:K}", "learning_rate", (double)c->learning_rate,
+                         "beta1", c->beta1, "beta2", c->beta2, "epsilon", (double)c->adam_epsilon,
+                         "dropout", (double)c->dropout_rate, "bn_momentum", c->bn_momentum, "bn_bessel",
+                         c->bn_bessel ? Py_True : Py_False, "bce", bce_names[c->bce_mode], "max_term",
+                         max_names[c->max_mode], "seed", c->seed);
+}
+
+static PyMethodDef Trainer_methods[] = {
+    {"step", (PyCFunction)Trainer_step, METH_VARARGS,
+     "step(images, targets) -> (loss, bce, max_term): one Adam step on a float32 [batch, h, w] batch (training-mode "
+     "forward, backward, update, BN moving statistics). The loss is the forward's, before the update."},
+    {"gradients", (PyCFunction)Trainer_gradients, METH_VARARGS,
+     "gradients(images, targets) -> (loss, bce, max_term): forward and backward only; read them with get('grad.<name>')."},
+    {"evaluate", (PyCFunction)(void (*)(void))Trainer_evaluate, METH_VARARGS | METH_KEYWORDS,
+     "evaluate(images, targets=None) -> (pred, (loss, bce, max_term) or None): inference mode (moving statistics, "
+     "no dropout)."},
+    {"get", (PyCFunction)Trainer_get, METH_O,
+     "get(name) -> float32 array copy of '<param>', 'grad.<param>', 'adam.m.<param>' or 'adam.v.<param>'."},
+    {"set", (PyCFunction)Trainer_set, METH_VARARGS, "set(name, array): overwrite one tensor (same names as get)."},
+    {"load", (PyCFunction)Trainer_load, METH_O,
+     "load(path): parameters (all required) and Adam moments (optional) from a safetensors file."},
+    {"to_network", (PyCFunction)Trainer_to_network, METH_NOARGS,
+     "to_network() -> Network: an inference network with a copy of the current parameters."},
+    {NULL},
+};
+
+static PyGetSetDef Trainer_getset[] = {
+    {"names", (getter)Trainer_get_names, NULL, "parameter names in file order", NULL},
+    {"step_count", (getter)Trainer_get_step_count, (setter)Trainer_set_step_count, "Adam steps taken", NULL},
+    {"arena_bytes", (getter)Trainer_get_arena_bytes, NULL, "bytes of the activation arena", NULL},
+    {"config", (getter)Trainer_get_config, NULL, "the training settings", NULL},
+    {NULL},
+};
+
+static PyTypeObject TrainerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "deepspot_napari._core.Trainer",
+    .tp_doc = "Trainer(network, *, learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7, dropout=0.2, "
+              "bn_momentum=0.99, bn_bessel=False, bce='logits', max_term='batch', seed=0): trains a copy of the "
+              "network's parameters in C (oneDNN).",
+    .tp_basicsize = sizeof(TrainerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Trainer_init,
+    .tp_dealloc = (destructor)Trainer_dealloc,
+    .tp_methods = Trainer_methods,
+    .tp_getset = Trainer_getset,
+};
+
+/* ---- single training ops, for the tests ---- */
+
+static PyObject *py_conv2d_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"x", "weight", "bias", "dy", "stride", "dilation", "pad_before", "pad_after",
+                               "transposed", "need_dx", NULL};
+    PyObject *x_obj, *w_obj, *b_obj, *dy_obj;
+    int stride = 1, dilation = 1, pad_before = 0, pad_after = 0, transposed = 0, need_dx = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|iiiipp", keywords, &x_obj, &w_obj, &b_obj, &dy_obj, &stride,
+                                     &dilation, &pad_before, &pad_after, &transposed, &need_dx))
+        return NULL;
+    PyArrayObject *x = NULL, *w = NULL, *b = NULL, *dy = NULL, *y = NULL, *dx = NULL, *dw = NULL, *db = NULL;
+    PyObject *result = NULL;
+    if (!(x = as_float32_array(x_obj, 4, "x")) || !(w = as_float32_array(w_obj, 4, "weight")) ||
+        !(b = as_float32_array(b_obj, 1, "bias")) || !(dy = as_float32_array(dy_obj, 4, "dy")))
+        goto done;
+    npy_intp *xd = PyArray_DIMS(x), *wd = PyArray_DIMS(w);
+    if (wd[1] != xd[3] || wd[2] != wd[3] || PyArray_DIM(b, 0) != wd[0] || stride < 1 || dilation < 1) {
+        PyErr_SetString(PyExc_ValueError, "conv2d_backward: weight [out, in, k, k] with in = x.shape[3], bias [out]");
+        goto done;
+    }
+    conv_desc d = {.transposed = transposed, .batch = (int)xd[0], .in_channels = (int)xd[3], .in_height = (int)xd[1],
+                   .in_width = (int)xd[2], .out_channels = (int)wd[0], .kernel = (int)wd[2], .stride = stride,
+                   .dilation = dilation, .pad_before = pad_before, .pad_after = pad_after};
+    int span = (d.kernel - 1) * dilation + 1;
+    d.out_height = transposed ? (d.in_height - 1) * stride + span - pad_before - pad_after
+                              : (d.in_height + pad_before + pad_after - span) / stride + 1;
+    d.out_width = transposed ? (d.in_width - 1) * stride + span - pad_before - pad_after
+                             : (d.in_width + pad_before + pad_after - span) / stride + 1;
+    if (d.out_height < 1 || d.out_width < 1 || PyArray_DIM(dy, 0) != d.batch || PyArray_DIM(dy, 1) != d.out_height ||
+        PyArray_DIM(dy, 2) != d.out_width || PyArray_DIM(dy, 3) != d.out_channels) {
+        PyErr_SetString(PyExc_ValueError, "conv2d_backward: dy must have the output's shape");
+        goto done;
+    }
+    if (!(y = new_nhwc(d.batch, d.out_height, d.out_width, d.out_channels)) ||
+        !(dx = new_nhwc(xd[0], xd[1], xd[2], xd[3])) ||
+        !(dw = (PyArrayObject *)PyArray_ZEROS(4, wd, NPY_FLOAT32, 0)) ||
+        !(db = (PyArrayObject *)PyArray_ZEROS(1, PyArray_DIMS(b), NPY_FLOAT32, 0)))
+        goto done;
+    ds_backend *backend;
+    ds_train_op *op = NULL;
+    ds_status rc = get_backend(&backend);
+    Py_BEGIN_ALLOW_THREADS
+    if (rc == DS_OK)
+        rc = conv_train_create(&op, backend, &d, need_dx);
+    if (rc == DS_OK)
+        rc = conv_train_forward(op, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b));
+    if (rc == DS_OK)
+        rc = conv_backward(op, need_dx ? PyArray_DATA(dx) : NULL, PyArray_DATA(dw), PyArray_DATA(db),
+                           PyArray_DATA(dy), PyArray_DATA(x));
+    train_op_destroy(op);
+    Py_END_ALLOW_THREADS
+    if (rc != DS_OK)
+        raise_status(rc);
+    else
+        result = Py_BuildValue("(OOOO)", y, need_dx ? (PyObject *)dx : Py_None, dw, db);
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(w);
+    Py_XDECREF(b);
+    Py_XDECREF(dy);
+    Py_XDECREF(y);
+    Py_XDECREF(dx);
+    Py_XDECREF(dw);
+    Py_XDECREF(db);
+    return result;
+}
+
+static PyObject *py_batchnorm_train(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"x", "gamma", "beta", "dy", "epsilon", "relu", NULL};
+    PyObject *x_obj, *g_obj, *b_obj, *dy_obj;
+    float epsilon = 1e-3f;
+    int relu = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|fp", keywords, &x_obj, &g_obj, &b_obj, &dy_obj, &epsilon,
+                                     &relu))
+        return NULL;
+    PyArrayObject *x = NULL, *g = NULL, *b = NULL, *dy = NULL, *y = NULL, *dx = NULL, *mean = NULL, *var = NULL,
+                  *dg = NULL, *dbeta = NULL;
+    PyObject *result = NULL;
+    if (!(x = as_float32_array(x_obj, 4, "x")) || !(g = as_float32_array(g_obj, 1, "gamma")) ||
+        !(b = as_float32_array(b_obj, 1, "beta")) || !(dy = as_float32_array(dy_obj, 4, "dy")))
+        goto done;
+    npy_intp *xd = PyArray_DIMS(x), cd[1] = {xd[3]};
+    if (PyArray_DIM(g, 0) != xd[3] || PyArray_DIM(b, 0) != xd[3] || !PyArray_SAMESHAPE(x, dy)) {
+        PyErr_SetString(PyExc_ValueError, "batchnorm_train: gamma, beta [channels]; dy of x's shape");
+        goto done;
+    }
+    if (!(y = new_nhwc(xd[0], xd[1], xd[2], xd[3])) || !(dx = new_nhwc(xd[0], xd[1], xd[2], xd[3])) ||
+        !(mean = (PyArrayObject *)PyArray_ZEROS(1, cd, NPY_FLOAT32, 0)) ||
+        !(var = (PyArrayObject *)PyArray_ZEROS(1, cd, NPY_FLOAT32, 0)) ||
+        !(dg = (PyArrayObject *)PyArray_ZEROS(1, cd, NPY_FLOAT32, 0)) ||
+        !(dbeta = (PyArrayObject *)PyArray_ZEROS(1, cd, NPY_FLOAT32, 0)))
+        goto done;
+    ds_backend *backend;
+    ds_train_op *op = NULL;
+    ds_status rc = get_backend(&backend);
+    Py_BEGIN_ALLOW_THREADS
+    if (rc == DS_OK)
+        rc = batchnorm_train_create(&op, backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], epsilon, relu, 1);
+    if (rc == DS_OK)
+        rc = batchnorm_train_forward(op, PyArray_DATA(y), PyArray_DATA(mean), PyArray_DATA(var), PyArray_DATA(x),
+                                     PyArray_DATA(g), PyArray_DATA(b));
+    if (rc == DS_OK)
+        rc = batchnorm_backward(op, PyArray_DATA(dx), PyArray_DATA(dg), PyArray_DATA(dbeta), PyArray_DATA(dy),
+                                PyArray_DATA(x), PyArray_DATA(mean), PyArray_DATA(var), PyArray_DATA(g));
+    train_op_destroy(op);
+    Py_END_ALLOW_THREADS
+    if (rc != DS_OK)
+        raise_status(rc);
+    else
+        result = Py_BuildValue("(OOOOOO)", y, mean, var, dx, dg, dbeta);
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(g);
+    Py_XDECREF(b);
+    Py_XDECREF(dy);
+    Py_XDECREF(y);
+    Py_XDECREF(dx);
+    Py_XDECREF(mean);
+    Py_XDECREF(var);
+    Py_XDECREF(dg);
+    Py_XDECREF(dbeta);
+    return result;
+}
+
+static PyObject *py_maxpool_backward(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"x", "dy", "kernel", "stride", "pad_before", "pad_after", NULL};
+    PyObject *x_obj, *dy_obj;
+    int kernel, stride, pad_before = 0, pad_after = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOii|ii", keywords, &x_obj, &dy_obj, &kernel, &stride,
+                                     &pad_before, &pad_after))
+        return NULL;
+    if (kernel < 1 || stride < 1 || pad_before < 0 || pad_after < 0 || pad_before >= kernel || pad_after >= kernel)
+        return PyErr_Format(PyExc_ValueError, "maxpool_backward: kernel, stride >= 1 and 0 <= padding < kernel");
+    PyArrayObject *x = NULL, *dy = NULL, *y = NULL, *dx = NULL;
+    PyObject *result = NULL;
+    if (!(x = as_float32_array(x_obj, 4, "x")) || !(dy = as_float32_array(dy_obj, 4, "dy")))
+        goto done;
+    npy_intp *xd = PyArray_DIMS(x);
+    int oh = ((int)xd[1] + pad_before + pad_after - kernel) / stride + 1;
+    int ow = ((int)xd[2] + pad_before + pad_after - kernel) / stride + 1;
+    if (oh < 1 || ow < 1 || PyArray_DIM(dy, 0) != xd[0] || PyArray_DIM(dy, 1) != oh || PyArray_DIM(dy, 2) != ow ||
+        PyArray_DIM(dy, 3) != xd[3]) {
+        PyErr_SetString(PyExc_ValueError, "maxpool_backward: dy must have the output's shape");
+        goto done;
+    }
+    if (!(y = new_nhwc(xd[0], oh, ow, xd[3])) || !(dx = new_nhwc(xd[0], xd[1], xd[2], xd[3])))
+        goto done;
+    ds_backend *backend;
+    ds_train_op *op = NULL;
+    ds_status rc = get_backend(&backend);
+    Py_BEGIN_ALLOW_THREADS
+    if (rc == DS_OK)
+        rc = maxpool_train_create(&op, backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], oh, ow, kernel, stride,
+                                  pad_before, pad_after);
+    if (rc == DS_OK)
+        rc = maxpool_train_forward(op, PyArray_DATA(y), PyArray_DATA(x));
+    if (rc == DS_OK)
+        rc = maxpool_backward(op, PyArray_DATA(dx), PyArray_DATA(dy));
+    train_op_destroy(op);
+    Py_END_ALLOW_THREADS
+    if (rc != DS_OK)
+        raise_status(rc);
+    else
+        result = Py_BuildValue("(OO)", y, dx);
+done:
+    Py_XDECREF(x);
+    Py_XDECREF(dy);
+    Py_XDECREF(y);
+    Py_XDECREF(dx);
+    return result;
+}
+
+static PyObject *py_concat_backward(PyObject *self, PyObject *args)
+{
+    PyObject *dy_obj, *channels_obj;
+    if (!PyArg_ParseTuple(args, "OO", &dy_obj, &channels_obj))
+        return NULL;
+    PyObject *seq = PySequence_Fast(channels_obj, "channels must be a sequence of ints");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int channels[CONCAT_MAX_INPUTS], total = 0;
+    PyArrayObject *dy = NULL, *parts[CONCAT_MAX_INPUTS] = {NULL};
+    PyObject *result = NULL;
+    if (n < 1 || n > CONCAT_MAX_INPUTS) {
+        PyErr_Format(PyExc_ValueError, "concat_backward: 1..%d inputs", CONCAT_MAX_INPUTS);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (c < 1 || c > INT32_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "concat_backward: channel counts must be >= 1");
+            goto done;
+        }
+        channels[i] = (int)c;
+        total += channels[i];
+    }
+    if (!(dy = as_float32_array(dy_obj, 4, "dy")))
+        goto done;
+    npy_intp *d = PyArray_DIMS(dy);
+    if (d[3] != total) {
+        PyErr_SetString(PyExc_ValueError, "concat_backward: dy.shape[3] must be the sum of channels");
+        goto done;
+    }
+    float *dsrcs[CONCAT_MAX_INPUTS];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!(parts[i] = new_nhwc(d[0], d[1], d[2], channels[i])))
+            goto done;
+        dsrcs[i] = PyArray_DATA(parts[i]);
+    }
+    concat_backward(dsrcs, PyArray_DATA(dy), (size_t)(d[0] * d[1] * d[2]), (int)n, channels);
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        Py_INCREF(parts[i]);
+        PyList_SET_ITEM(result, i, (PyObject *)parts[i]);
+    }
+done:
+    for (int i = 0; i < CONCAT_MAX_INPUTS; i++)
+        Py_XDECREF(parts[i]);
+    Py_XDECREF(dy);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* Element-wise kernels on arrays of one shape: relu_backward(dy, y), add(a, b). */
+static PyObject *binary_kernel(PyObject *args, int which)
+{
+    PyObject *a_obj, *b_obj;
+    if (!PyArg_ParseTuple(args, "OO", &a_obj, &b_obj))
+        return NULL;
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(a_obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    PyArrayObject *b = a ? (PyArrayObject *)PyArray_FROM_OTF(b_obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY) : NULL;
+    PyArrayObject *out = NULL;
+    if (b && !PyArray_SAMESHAPE(a, b))
+        PyErr_SetString(PyExc_ValueError, "the two arrays must have the same shape");
+    else if (b && (out = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(a), PyArray_DIMS(a), NPY_FLOAT32, 0))) {
+        size_t n = (size_t)PyArray_SIZE(a);
+        if (which == 0)
+            relu_backward(PyArray_DATA(out), PyArray_DATA(a), PyArray_DATA(b), n, 0);
+        else
+            add_forward(PyArray_DATA(out), PyArray_DATA(a), PyArray_DATA(b), n);
+    }
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return (PyObject *)out;
+}
+
+static PyObject *py_relu_backward(PyObject *self, PyObject *args) { return binary_kernel(args, 0); }
+static PyObject *py_add(PyObject *self, PyObject *args) { return binary_kernel(args, 1); }
+
+static PyObject *py_spatial_dropout(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"x", "rate", "seed", "stream", NULL};
+    PyObject *x_obj;
+    float rate;
+    unsigned long long seed = 0, stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Of|KK", keywords, &x_obj, &rate, &seed, &stream))
+        return NULL;
+    if (!(rate >= 0.0f && rate < 1.0f))
+        return PyErr_Format(PyExc_ValueError, "rate must be in [0, 1)");
+    PyArrayObject *x = as_float32_array(x_obj, 4, "x");
+    if (!x)
+        return NULL;
+    npy_intp *d = PyArray_DIMS(x), md[2] = {d[0], d[3]};
+    PyArrayObject *y = new_nhwc(d[0], d[1], d[2], d[3]);
+    PyArrayObject *mask = y ? (PyArrayObject *)PyArray_ZEROS(2, md, NPY_FLOAT32, 0) : NULL;
+    PyObject *result = NULL;
+    if (mask) {
+        dropout_mask(PyArray_DATA(mask), (int)d[0], (int)d[3], rate, seed, stream);
+        spatial_dropout_forward(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(mask), (int)d[0],
+                                (size_t)(d[1] * d[2]), (int)d[3]);
+        result = Py_BuildValue("(OO)", y, mask);
+    }
+    Py_DECREF(x);
+    Py_XDECREF(y);
+    Py_XDECREF(mask);
+    return result;
+}
+
+static PyObject *py_deepspot_loss(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"logits", "target", "bce", "max_term", NULL};
+    PyObject *z_obj, *t_obj;
+    const char *bce = "logits", *max_term = "batch";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|ss", keywords, &z_obj, &t_obj, &bce, &max_term))
+        return NULL;
+    int bce_mode, max_mode;
+    if (parse_mode(bce, "bce", bce_names, 2, &bce_mode) < 0 ||
+        parse_mode(max_term, "max_term", max_names, 3, &max_mode) < 0)
+        return NULL;
+    PyArrayObject *z, *t;
+    if (batch_arguments(z_obj, t_obj, &z, &t, 0) < 0)
+        return NULL;
+    npy_intp *d = PyArray_DIMS(z);
+    PyArrayObject *pred = (PyArrayObject *)PyArray_ZEROS(3, d, NPY_FLOAT32, 0);
+    PyArrayObject *dz = pred ? (PyArrayObject *)PyArray_ZEROS(3, d, NPY_FLOAT32, 0) : NULL;
+    PyObject *result = NULL;
+    if (dz) {
+        double terms[2];
+        double loss = deepspot_loss(PyArray_DATA(pred), PyArray_DATA(dz), terms, PyArray_DATA(z), PyArray_DATA(t),
+                                    (int)d[0], (size_t)(d[1] * d[2]), bce_mode, max_mode);
+        result = Py_BuildValue("(dddOO)", loss, terms[0], terms[1], pred, dz);
+    }
+    Py_DECREF(z);
+    Py_DECREF(t);
+    Py_XDECREF(pred);
+    Py_XDECREF(dz);
+    return result;
+}
+
+static PyObject *py_adam_update(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"param", "m", "v", "grad", "step", "learning_rate", "beta1", "beta2", "epsilon", NULL};
+    PyObject *objs[4];
+    long step;
+    float lr = 1e-4f, epsilon = 1e-7f;
+    double beta1 = 0.9, beta2 = 0.999;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOl|fddf", keywords, &objs[0], &objs[1], &objs[2], &objs[3],
+                                     &step, &lr, &beta1, &beta2, &epsilon))
+        return NULL;
+    if (step < 1)
+        return PyErr_Format(PyExc_ValueError, "step must be >= 1");
+    PyArrayObject *a[4] = {NULL};
+    PyObject *result = NULL;
+    for (int i = 0; i < 4; i++) {
+        PyArrayObject *in = (PyArrayObject *)PyArray_FROM_OTF(objs[i], NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+        if (!in)
+            goto done;
+        a[i] = (PyArrayObject *)PyArray_NewCopy(in, NPY_CORDER);
+        Py_DECREF(in);
+        if (!a[i])
+            goto done;
+        if (i && PyArray_SIZE(a[i]) != PyArray_SIZE(a[0])) {
+            PyErr_SetString(PyExc_ValueError, "adam_update: param, m, v and grad must have the same size");
+            goto done;
+        }
+    }
+    adam_update(PyArray_DATA(a[0]), PyArray_DATA(a[1]), PyArray_DATA(a[2]), PyArray_DATA(a[3]),
+                (size_t)PyArray_SIZE(a[0]), lr, beta1, beta2, epsilon, step);
+    result = Py_BuildValue("(OOO)", a[0], a[1], a[2]);
+done:
+    for (int i = 0; i < 4; i++)
+        Py_XDECREF(a[i]);
+    return result;
+}
+/* _core.Trainer(...): the type is readied on first use (the module init is not touched). */
+static PyObject *py_trainer(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    if (!(TrainerType.tp_flags & Py_TPFLAGS_READY) && PyType_Ready(&TrainerType) < 0)
+        return NULL;
+    return PyObject_Call((PyObject *)&TrainerType, args, kwargs);
+}
 /* --- training glue: end --- */
 
 static PyMethodDef module_methods[] = {
 /* --- training methods: begin --- */
+    {"conv2d_backward", (PyCFunction)(void (*)(void))py_conv2d_backward, METH_VARARGS | METH_KEYWORDS,
+     "conv2d_backward(x, weight, bias, dy, stride=1, dilation=1, pad_before=0, pad_after=0, transposed=False, "
+     "need_dx=True) -> (y, dx or None, dweight, dbias): the training forward and backward of one (transposed) conv."},
+    {"batchnorm_train", (PyCFunction)(void (*)(void))py_batchnorm_train, METH_VARARGS | METH_KEYWORDS,
+     "batchnorm_train(x, gamma, beta, dy, epsilon=1e-3, relu=False) -> (y, mean, variance, dx, dgamma, dbeta): "
+     "batch norm on batch statistics (+ fused ReLU) and its backward."},
+    {"maxpool_backward", (PyCFunction)(void (*)(void))py_maxpool_backward, METH_VARARGS | METH_KEYWORDS,
+     "maxpool_backward(x, dy, kernel, stride, pad_before=0, pad_after=0) -> (y, dx)."},
+    {"concat_backward", py_concat_backward, METH_VARARGS,
+     "concat_backward(dy, channels) -> [dx1, dx2, ...]: the gradient of a channel concatenation split."},
+    {"relu_backward", py_relu_backward, METH_VARARGS, "relu_backward(dy, y) -> dx = dy where y > 0."},
+    {"add", py_add, METH_VARARGS, "add(a, b) -> a + b (float32)."},
+    {"spatial_dropout", (PyCFunction)(void (*)(void))py_spatial_dropout, METH_VARARGS | METH_KEYWORDS,
+     "spatial_dropout(x, rate, seed=0, stream=0) -> (y, mask [batch, channels]): Keras SpatialDropout2D in training."},
+    {"deepspot_loss", (PyCFunction)(void (*)(void))py_deepspot_loss, METH_VARARGS | METH_KEYWORDS,
+     "deepspot_loss(logits, target, bce='logits', max_term='batch') -> (loss, bce, max_term, pred, dlogits) on "
+     "[batch, h, w] float32 arrays."},
+    {"adam_update", (PyCFunction)(void (*)(void))py_adam_update, METH_VARARGS | METH_KEYWORDS,
+     "adam_update(param, m, v, grad, step, learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7) -> "
+     "(param, m, v): one Keras Adam update (copies)."},
+    {"Trainer", (PyCFunction)(void (*)(void))py_trainer, METH_VARARGS | METH_KEYWORDS, "Trainer(network, *, "
+     "learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7, dropout=0.2, bn_momentum=0.99, bn_bessel=False, "
+     "bce='logits', max_term='batch', seed=0) -> a trainer of a copy of the network's parameters (C, oneDNN)."},
 /* --- training methods: end --- */
     {"conv2d", (PyCFunction)(void (*)(void))py_conv2d, METH_VARARGS | METH_KEYWORDS,
      "conv2d(x, weight, bias, stride=1, dilation=1, pad_before=0, pad_after=0, transposed=False, relu=False, "

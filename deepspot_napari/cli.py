@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -17,8 +17,11 @@ EXAMPLES = """examples:
   deepspot demo                                  enhance + detect the bundled sample, print F1, write an overlay
   deepspot run images/ -o results/               enhance and detect every TIFF/PNG in images/
   deepspot enhance 'raw/*.tif' -o enhanced/      write <name>.enhanced.tif for each input
-  deepspot detect enhanced/ -o spots/ --already-enhanced
+  deepspot detect enhanced/ -o spots/            find spots in images that are already enhanced
+  deepspot run mosaic.zarr -o out/ --save-enhanced   a large image in 2048 px blocks: out/mosaic.enhanced.zarr
+  deepspot run images/ -o out/ --scheduler tcp://head:8786   the files as tasks on a Dask cluster
   deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100
+  deepspot evaluate sim/ --simulated -o report/   accuracy vs ground truth and baselines (Markdown, CSV, PNG)
 """
 
 
@@ -64,7 +67,11 @@ def _load_model(args):
     return Model.load(args.weights, device=args.device)
 
 
-def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[[Path, dict[str, Path], Progress], str]) -> int:
+def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[[Path, dict[str, Path], Progress], str],
+               parallel: Callable[[list[tuple[Path, dict[str, Path]]]], Iterator[tuple[int, str, str]]] | None = None
+               ) -> int:
+    """Checks every input's outputs (--resume, --overwrite), then runs `work` on each input here,
+    or hands them all to `parallel` (a cluster), which yields (index, status, detail) as they finish."""
     from .io import find_images
     files = find_images(args.inputs)
     out_dir = Path(args.output)
@@ -73,6 +80,7 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name; their outputs would collide: process them separately")
     report = BatchReport()
+    pending: list[tuple[int, Path, dict[str, Path]]] = []
     for index, path in enumerate(files, 1):
         targets = outputs(path)
         existing = [t for t in targets.values() if t.exists()]
@@ -82,26 +90,76 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
         if existing and not (args.overwrite or args.resume):
             report.rows.append((path.name, "FAILED", f"{existing[0].name} exists: pass --overwrite or --resume"))
             continue
+        if parallel is not None:
+            report.rows.append((path.name, "FAILED", "not run"))
+            pending.append((len(report.rows) - 1, path, targets))
+            continue
         try:
             detail = work(path, targets, Progress(f"[{index}/{len(files)}] {path.name}", args.quiet))
             report.rows.append((path.name, "done", detail))
         except (ValueError, TypeError, OSError, MemoryError) as exc:
             report.rows.append((path.name, "FAILED", str(exc)))
             print(f"deepspot: {path}: {exc}", file=sys.stderr)
+    if pending:
+        for index, status, detail in parallel([(path, targets) for _, path, targets in pending]):
+            row, path, _ = pending[index]
+            report.rows[row] = (path.name, status, detail)
+            if status == "FAILED":
+                print(f"deepspot: {path}: {detail}", file=sys.stderr)
     report.print()
     return 1 if report.failed else 0
 
 
+def _file_job(args, path: Path, targets: dict[str, Path], enhance: bool, detect: bool):
+    from .large import FileJob
+    weights = getattr(args, "weights", None)
+    return FileJob(path=str(Path(path).resolve()), targets={k: str(Path(v).resolve()) for k, v in targets.items()},
+                   enhance=enhance, detect=detect, tile_size=getattr(args, "tile_size", 512),
+                   detection=_detection_overrides(args) if detect else {}, block_size=args.block_size,
+                   overwrite=bool(args.overwrite or args.resume),
+                   weights=str(Path(weights).resolve()) if weights else None, device=getattr(args, "device", "auto"))
+
+
+def _process_batch(args, outputs, enhance: bool, detect: bool) -> int:
+    """Runs the enhance/run/detect batch here (one model, the C core on every core) or, with
+    --scheduler, on a Dask cluster (files and blocks of large images as tasks)."""
+    from .large import process_file
+    if args.block_size is not None:
+        from .large import check_block_size
+        check_block_size(args.block_size)
+    if args.scheduler is None:
+        model = _load_model(args) if enhance else None
+
+        def work(path, targets, progress):
+            return process_file(_file_job(args, path, targets, enhance, detect), model, progress)
+
+        return _run_batch(args, outputs, work)
+
+    weights = getattr(args, "weights", None)
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    from .distributed import connect, run_jobs
+
+    def parallel(items):
+        jobs = [_file_job(args, path, targets, enhance, detect) for path, targets in items]
+        with connect(args.scheduler) as client:
+            if not args.quiet:
+                workers = len(client.scheduler_info().get("workers", {}))
+                print(f"deepspot: {len(jobs)} input(s) on the Dask cluster at {client.scheduler.address} "
+                      f"({workers} workers)", file=sys.stderr)
+            yield from run_jobs(client, jobs, progress=Progress("files", args.quiet),
+                                block_progress=lambda job: Progress(Path(job.path).name, args.quiet))
+
+    return _run_batch(args, outputs, None, parallel=parallel)
+
+
+def _enhanced_target(args, path: Path) -> Path:
+    from .large import enhanced_suffix
+    return Path(args.output) / f"{path.stem}.enhanced{enhanced_suffix(path, args.output_format)}"
+
+
 def cmd_enhance(args) -> int:
-    from .io import read_image, write_tiff
-    model = _load_model(args)
-
-    def work(path, targets, progress):
-        enhanced = model.enhance(read_image(path), tile_size=args.tile_size, progress=progress)
-        write_tiff(targets["enhanced"], enhanced)
-        return f"{enhanced.shape} -> {targets['enhanced'].name}"
-
-    return _run_batch(args, lambda p: {"enhanced": Path(args.output) / f"{p.stem}.enhanced.tif"}, work)
+    return _process_batch(args, lambda p: {"enhanced": _enhanced_target(args, p)}, enhance=True, detect=False)
 
 
 def _detection_overrides(args) -> dict:
@@ -110,29 +168,13 @@ def _detection_overrides(args) -> dict:
 
 
 def cmd_detect(args, enhance_first: bool = False) -> int:
-    from .detect import detect_spots
-    from .io import read_image, write_spots_table, write_tiff
-    model = _load_model(args) if enhance_first else None
-
     def outputs(path):
         out = {"spots": Path(args.output) / f"{path.stem}.spots.csv"}
         if enhance_first and args.save_enhanced:
-            out["enhanced"] = Path(args.output) / f"{path.stem}.enhanced.tif"
+            out["enhanced"] = _enhanced_target(args, path)
         return out
 
-    def work(path, targets, progress):
-        image = read_image(path)
-        if enhance_first:
-            enhanced = model.enhance(image, tile_size=args.tile_size, progress=progress)
-            spots = model.detect(image, enhanced=enhanced, **_detection_overrides(args))
-            if "enhanced" in targets:
-                write_tiff(targets["enhanced"], enhanced)
-        else:
-            spots = detect_spots(image, **_detection_overrides(args))
-        write_spots_table(targets["spots"], spots.as_table())
-        return f"{len(spots)} spots -> {targets['spots'].name}"
-
-    return _run_batch(args, outputs, work)
+    return _process_batch(args, outputs, enhance=enhance_first, detect=True)
 
 
 def cmd_simulate(args) -> int:
@@ -190,6 +232,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    import dataclasses
+    from . import evaluate
+    from .detect import DEFAULT_DETECTION
+    datasets = [evaluate.parse_dataset_spec(spec) for spec in args.datasets]
+    if args.simulated:
+        if args.seed == evaluate.VALIDATION_SEED:
+            print(f"deepspot evaluate: warning: seed {args.seed} gives the validation images the detection defaults "
+                  "were chosen on; the test sets use seed 0", file=sys.stderr)
+        datasets += evaluate.simulated_datasets(seed=args.seed, n_images=args.n_images, size=args.size, names=args.sets)
+    if not datasets:
+        raise ValueError("nothing to evaluate: give data set folders and/or --simulated")
+    out = Path(args.output)
+    existing = [out / name for name in evaluate.REPORT_FILES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace the report")
+    params = dataclasses.replace(DEFAULT_DETECTION, **_detection_overrides(args))
+    methods, notes = evaluate.default_methods(params, raw=not args.no_raw, bigfish=not args.no_bigfish,
+                                              bigfish_spot_radius_px=evaluate.BIGFISH_SPOT_RADIUS_PX
+                                              if args.bigfish_spot_radius is None else args.bigfish_spot_radius)
+    for note in notes:
+        print(f"deepspot evaluate: {note}", file=sys.stderr)
+    model = _load_model(args)
+    results = evaluate.run_evaluation(datasets, methods, model, progress=Progress("evaluate", args.quiet), notes=notes,
+                                      tile_size=args.tile_size)
+    preamble = [f"Model: `{model.path.name}` ({model.num_parameters:,} parameters, {model.device}). Detection on "
+                f"enhanced images: `{params}`."]
+    if args.simulated:
+        preamble.append(f"Simulated test sets: simulate.paper_test_sets(seed={args.seed}), {args.n_images} images of "
+                        f"{args.size}x{args.size} per set.")
+    paths = evaluate.write_report(results, out, preamble=preamble)
+    print(evaluate.f1_table(results))
+    print(f"\n{sum(n for _, _, n in results.datasets)} images in {results.wall_seconds:.1f} s; wrote "
+          + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspot", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -206,12 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tile-size", type=int, default=512,
                            help="window side in pixels for large images; results equal a whole-image pass")
 
-    def batch(p):
-        p.add_argument("inputs", nargs="+", help="image files (TIFF, OME-TIFF, PNG), folders or glob patterns")
+    def batch(p, enhanced_output=True):
+        from .large import DEFAULT_BLOCK_SIZE, HALO_PX, LARGE_IMAGE_PIXELS
+        p.add_argument("inputs", nargs="+",
+                       help="image files (TIFF, OME-TIFF, PNG, Zarr/OME-Zarr), folders or glob patterns")
         p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
         mode = p.add_mutually_exclusive_group()
         mode.add_argument("--resume", action="store_true", help="skip inputs whose outputs already exist")
         mode.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        group = p.add_argument_group("large images and clusters")
+        group.add_argument("--block-size", type=int, metavar="PX",
+                           help=f"process every input in blocks of PX x PX pixels (a multiple of 8) with a {HALO_PX} px "
+                                f"halo; results equal a whole-image pass while memory stays bounded (default: "
+                                f"{DEFAULT_BLOCK_SIZE} px blocks for Zarr inputs and images over "
+                                f"{LARGE_IMAGE_PIXELS / 2**20:g} Mpx, the others whole)")
+        group.add_argument("--scheduler", metavar="ADDRESS",
+                           help="run on the Dask cluster whose scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786; "
+                                "files and blocks of large images are the tasks; workers need the same paths), or "
+                                "'local[:N]' for a cluster of N single-threaded worker processes here")
+        if enhanced_output:
+            group.add_argument("--output-format", choices=("auto", "tiff", "zarr"), default="auto",
+                               help="enhanced images as TIFF or OME-Zarr (default auto: Zarr for Zarr inputs and "
+                                    "large images, TIFF otherwise)")
 
     def detection(p):
         group = p.add_argument_group("detection (defaults: the fixed parameters chosen on simulated validation data)")
@@ -228,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="deepspot-demo", help="output folder (default: ./deepspot-demo)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("enhance", help="enhance images (writes <name>.enhanced.tif)")
+    p = sub.add_parser("enhance", help="enhance images (writes <name>.enhanced.tif, or .zarr for Zarr/large inputs)")
     common(p)
     batch(p)
     p.set_defaults(func=cmd_enhance)
@@ -237,12 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     batch(p)
     detection(p)
-    p.add_argument("--save-enhanced", action="store_true", help="also write <name>.enhanced.tif")
+    p.add_argument("--save-enhanced", action="store_true",
+                   help="also write <name>.enhanced.tif (or .zarr, see --output-format)")
     p.set_defaults(func=lambda a: cmd_detect(a, enhance_first=True))
 
     p = sub.add_parser("detect", help="detect spots in images that are already enhanced (writes <name>.spots.csv)")
     common(p, model=False)
-    batch(p)
+    batch(p, enhanced_output=False)
     detection(p)
     p.set_defaults(func=cmd_detect)
 
@@ -257,6 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("evaluate", help="F1, precision, recall, ... against ground truth, vs baselines",
+                       description="Scores DeepSpot + the fixed detector, the same detector on the raw images and "
+                                   "Big-FISH (if installed) on annotated images, per image then per data set (mean "
+                                   "with 95% CI), the paper's way; writes evaluation.md, evaluation.csv, "
+                                   "evaluation_per_image.csv and evaluation_f1.png into the output folder.")
+    common(p)
+    p.add_argument("datasets", nargs="*", metavar="[NAME=]FOLDER[,CSV_FOLDER]",
+                   help="a folder with images/ and csv/ (as written by 'deepspot simulate'), or a folder of images "
+                        "with CSVs of the same file stems beside them or in CSV_FOLDER")
+    p.add_argument("--simulated", action="store_true",
+                   help="also regenerate the paper's test sets DS_fixed_10..100 and DS_var_10..100")
+    p.add_argument("--n-images", type=int, default=40, help="--simulated: images per set (default 40, the paper's)")
+    p.add_argument("--sets", nargs="+", metavar="NAME", help="--simulated: only these sets (e.g. DS_var_50)")
+    p.add_argument("--seed", type=int, default=0, help="--simulated: seed of the test sets (default 0)")
+    p.add_argument("--size", type=int, default=256, help="--simulated: image side (default 256)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    p.add_argument("--no-raw", action="store_true", help="leave out the raw-image baseline")
+    p.add_argument("--no-bigfish", action="store_true", help="leave out the Big-FISH baseline")
+    p.add_argument("--bigfish-spot-radius", type=float, metavar="PX",
+                   help="Big-FISH LoG sigma and minimum distance in pixels (default: "
+                        "evaluate.BIGFISH_SPOT_RADIUS_PX = 1.5, chosen on validation data)")
+    detection(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -26,26 +26,28 @@ _Z, _Y, _X, _SCORE, _INTENSITY, _SIZE = range(6)
 
 @dataclass(frozen=True)
 class DetectionParams:
-    """Detection parameters; see detect_spots() for what each one means."""
+    """Detection parameters; see detect_spots() for what each one means. The field defaults are the
+    defaults for ENHANCED images, chosen once on simulated validation data (never the test sets)
+    by tools/choose_detection_defaults.py; the table and the reasoning are in
+    docs/detection_defaults.md. Enhanced images are in [0, 1]: spot centres come out near 1 (the
+    training stamp is 255 at the centre, 200..230 around it) while the background stays below
+    about 0.5, so one absolute threshold separates them."""
 
     method: str = "peak"
-    # peak detector. Enhanced images are in [0, 1]: spot centres come out near 1 (the training
-    # stamp is 255 at the centre, 200..230 around it) while the background keeps the input's level,
-    # up to about 0.5.
-    threshold: float = 0.7
-    min_distance: float = 2.0
+    # peak detector
+    threshold: float = 0.75
+    min_distance: float = 0.0
     footprint_radius: int = 1
-    # wavelet detector (scale 2 matches the 3x3 spots of enhanced images)
-    scales: tuple[int, ...] = (2,)
-    sensitivities: tuple[float, ...] = (100.0,)
+    # wavelet detector: the best wavelet setting, used when only method="wavelet" is overridden
+    scales: tuple[int, ...] = (1, 2)
+    sensitivities: tuple[float, ...] = (20.0,)
     # both
-    subpixel: str = "centroid"
+    subpixel: str = "none"
     window_radius: int = 3
     # z-stacks
     merge_radius: float = 2.0
 
 
-# The defaults for ENHANCED images. Best guesses until they are fitted on simulated validation data.
 DEFAULT_DETECTION = DetectionParams()
 
 

@@ -117,3 +117,103 @@ def deepspot_forward(x, params, epsilon=1e-3):
         h = bn(convt(h, f"{name}.convt3", 1), f"{name}.bn3")
         t = relu(h + bn(convt(t, f"{name}.shortcut.convt", 2), f"{name}.shortcut.bn"))
     return sigmoid(conv(t, "head.conv"))
+
+
+# ---------------------------------------------------------------- training (float64)
+
+def batchnorm_train(x, gamma, beta, epsilon=1e-3):
+    """Batch norm on the batch statistics (biased variance, as Keras normalises); returns y, mean, variance."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=(0, 1, 2))
+    variance = ((x - mean) ** 2).mean(axis=(0, 1, 2))
+    return (x - mean) / np.sqrt(variance + epsilon) * gamma + beta, mean, variance
+
+
+def log1p_exp_neg_abs(z):
+    return np.log1p(np.exp(-np.abs(z)))
+
+
+def deepspot_loss(logits, target, bce="logits", max_term="batch"):
+    """The training loss on the head's logits [n, h, w] (REFERENCE_MODEL section 2):
+    mean BCE (Keras on a sigmoid output: the logits form; or the clipped-probability form) plus
+    (max p - max t)^2 over the whole batch ("batch") or averaged per image ("per_image")."""
+    z = np.asarray(logits, np.float64)
+    t = np.asarray(target, np.float64)
+    p = sigmoid(z)
+    if bce == "logits":
+        terms = np.maximum(z, 0) - z * t + log1p_exp_neg_abs(z)
+    else:
+        pc = np.clip(p, 1e-7, 1 - 1e-7)
+        terms = -(t * np.log(pc) + (1 - t) * np.log(1 - pc))
+    bce_value = terms.mean()
+    if max_term == "batch":
+        m = (p.max() - t.max()) ** 2
+    elif max_term == "per_image":
+        m = np.mean((p.reshape(len(p), -1).max(axis=1) - t.reshape(len(t), -1).max(axis=1)) ** 2)
+    else:
+        m = 0.0
+    return bce_value + m
+
+
+def deepspot_logits_train(x, params, epsilon=1e-3):
+    """The whole network in training mode (batch statistics, dropout off) up to the head's logits;
+    x [n, h, w, 1]; returns [n, h, w]."""
+    p = params
+
+    def conv(t, name, stride=1, dilation=1):
+        k = p[name + ".weight"].shape[2]
+        before, after = same_padding(t.shape[1], stride, (k - 1) * dilation + 1)
+        return conv2d(t, p[name + ".weight"], p[name + ".bias"], stride, dilation, before, after)
+
+    def convt(t, name, stride):
+        before, after = same_padding(t.shape[1] * stride, stride, 3)
+        return conv2d_transpose(t, p[name + ".weight"], p[name + ".bias"], stride, before, after)
+
+    def bn(t, name):
+        return batchnorm_train(t, p[name + ".gamma"], p[name + ".beta"], epsilon)[0]
+
+    def pool(t):
+        before, after = same_padding(t.shape[1], 2, 3)
+        return maxpool(t, 3, 2, before, after)
+
+    paths = []
+    for path in ("strided", "maxpool", "atrous"):
+        t = x
+        for i in (1, 2, 3):
+            name = f"caso.{path}"
+            if path == "strided":
+                t = relu(bn(conv(t, f"{name}.conv{i}", stride=2), f"{name}.bn{i}"))
+            else:
+                t = pool(relu(bn(conv(t, f"{name}.conv{i}", dilation=2 if path == "atrous" else 1), f"{name}.bn{i}")))
+        paths.append(t)
+    t = np.concatenate(paths, axis=3)
+    for b in range(1, 14):
+        name = f"trunk.block{b:02d}"
+        h = t
+        for i in (1, 2, 3):
+            h = conv(relu(bn(h, f"{name}.bn{i}")), f"{name}.conv{i}")
+        shortcut = bn(conv(t, f"{name}.shortcut.conv"), f"{name}.shortcut.bn") if b == 1 else t
+        t = h + shortcut
+    for j in (1, 2, 3):
+        name = f"decoder.up{j}"
+        h = relu(bn(convt(t, f"{name}.convt1", 2), f"{name}.bn1"))
+        h = relu(bn(convt(h, f"{name}.convt2", 1), f"{name}.bn2"))
+        h = bn(convt(h, f"{name}.convt3", 1), f"{name}.bn3")
+        t = relu(h + bn(convt(t, f"{name}.shortcut.convt", 2), f"{name}.shortcut.bn"))
+    return conv(t, "head.conv")[..., 0]
+
+
+def numerical_gradient(f, x, eps=1e-6):
+    """Central differences of the scalar f at every element of the float64 array x."""
+    x = np.array(x, np.float64)
+    grad = np.zeros_like(x)
+    flat, g = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        saved = flat[i]
+        flat[i] = saved + eps
+        up = f(x)
+        flat[i] = saved - eps
+        down = f(x)
+        flat[i] = saved
+        g[i] = (up - down) / (2 * eps)
+    return grad

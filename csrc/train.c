@@ -1,0 +1,894 @@
+/* train.c - the DeepSpot training graph (see train.h).
+ *
+ * A graph is built per (batch, height, width, mode) as a list of nodes in forward order; node i runs
+ * its forward at schedule step i and its backward at step 2N-1-i. Every tensor (activation,
+ * gradient of an activation, saved batch statistics, dropout mask, scratch) gets a lifetime on that
+ * schedule and an offset in one arena (greedy first fit among tensors whose lifetimes overlap),
+ * so an activation's memory is reused once its last backward consumer has run.
+ * Unlike the inference plan nothing is folded: BN runs on batch statistics and its ReLU is fused
+ * (the op keeps the mask); dropout and residual adds are plain C kernels (ops.h). A tensor read by
+ * several nodes gets its gradient written by the last of them (first in backward order) and
+ * accumulated by the others. */
+#include "train.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "safetensors.h"
+
+/* ---------------------------------------------------------------- configuration */
+
+void train_config_default(ds_train_config *c)
+{
+    *c = (ds_train_config){.learning_rate = 1e-4f, .beta1 = 0.9, .beta2 = 0.999, .adam_epsilon = 1e-7f,
+                           .dropout_rate = 0.2f, .bn_momentum = 0.99, .bn_bessel = 0,
+                           .bce_mode = DS_BCE_LOGITS, .max_mode = DS_MAX_BATCH, .seed = 0};
+}
+
+static ds_status check_config(const ds_train_config *c)
+{
+    if (!(c->learning_rate >= 0.0f) || !(c->beta1 >= 0.0 && c->beta1 < 1.0) ||
+        !(c->beta2 >= 0.0 && c->beta2 < 1.0) || !(c->adam_epsilon > 0.0f))
+        return ds_fail(DS_ERR_VALUE, "Adam settings out of range (lr >= 0, 0 <= beta < 1, epsilon > 0)");
+    if (!(c->dropout_rate >= 0.0f && c->dropout_rate < 1.0f))
+        return ds_fail(DS_ERR_VALUE, "dropout rate %g: expected 0 <= rate < 1", c->dropout_rate);
+    if (!(c->bn_momentum >= 0.0 && c->bn_momentum <= 1.0))
+        return ds_fail(DS_ERR_VALUE, "batch norm momentum %g: expected 0..1", c->bn_momentum);
+    if (c->bce_mode != DS_BCE_LOGITS && c->bce_mode != DS_BCE_CLIPPED)
+        return ds_fail(DS_ERR_VALUE, "unknown cross-entropy mode %d", c->bce_mode);
+    if (c->max_mode != DS_MAX_BATCH && c->max_mode != DS_MAX_PER_IMAGE && c->max_mode != DS_MAX_NONE)
+        return ds_fail(DS_ERR_VALUE, "unknown max-term mode %d", c->max_mode);
+    return DS_OK;
+}
+
+/* ---------------------------------------------------------------- graph */
+
+typedef enum { N_CONV, N_BN, N_POOL, N_CONCAT, N_DROP_ADD, N_LOSS } node_kind;
+
+#define G_MAX_NODES 192
+#define G_MAX_TENSORS 640
+#define G_MAX_CONSUMERS 4
+#define GRAPH_CACHE 4
+
+typedef struct {
+    int c, h, w;
+    size_t floats;
+    int first, last;
+    size_t offset;
+    int n_consumers;
+    int consumer[G_MAX_CONSUMERS]; /* node ids, in forward order */
+    int grad;                      /* gradient tensor id, or -1 */
+} tensor;
+
+typedef struct {
+    node_kind kind;
+    ds_train_op *op;
+    ds_op *concat;
+    int in[CONCAT_MAX_INPUTS], n_in, out;
+    int acc[CONCAT_MAX_INPUTS]; /* the backward adds into d(in[k]) instead of writing it */
+    int scratch;                /* where an accumulated oneDNN gradient is written first, or -1 */
+    int mean, var, mask;        /* saved batch statistics / dropout mask, or -1 */
+    conv_params *cp, *cg;
+    bn_params *bp, *bg;
+    int relu, need_dsrc;
+} node;
+
+typedef struct {
+    int batch, height, width, training;
+    unsigned long last_used;
+    node nodes[G_MAX_NODES];
+    int n_nodes;
+    tensor tensors[G_MAX_TENSORS];
+    int n_tensors;
+    int input, target, logits;
+    size_t arena_floats;
+} graph;
+
+struct ds_trainer {
+    ds_backend *backend;
+    ds_train_config cfg;
+    model_params params, grads, m, v;
+    float *mem[4]; /* params, grads, m, v: one arena each, same layout */
+    ds_param_table *table[4];
+    size_t n_floats;
+    int trainable[DS_MAX_PARAM_ENTRIES]; /* table indices that Adam updates (not the moving statistics) */
+    int n_trainable;
+    long step;
+    graph *graphs[GRAPH_CACHE];
+    unsigned long clock;
+    float *arena;
+    size_t arena_floats;
+};
+
+static ds_status new_tensor(graph *g, int *id, int c, int h, int w)
+{
+    if (g->n_tensors == G_MAX_TENSORS)
+        return ds_fail(DS_ERR_VALUE, "training graph: too many tensors");
+    tensor *t = &g->tensors[g->n_tensors];
+    memset(t, 0, sizeof *t);
+    t->c = c;
+    t->h = h;
+    t->w = w;
+    t->floats = (size_t)g->batch * c * h * w;
+    t->first = t->last = -1;
+    t->grad = -1;
+    *id = g->n_tensors++;
+    return DS_OK;
+}
+
+static ds_status new_node(graph *g, node **out, node_kind kind, const int *in, int n_in)
+{
+    if (g->n_nodes == G_MAX_NODES)
+        return ds_fail(DS_ERR_VALUE, "training graph: too many nodes");
+    int id = g->n_nodes;
+    node *n = &g->nodes[id];
+    memset(n, 0, sizeof *n);
+    n->kind = kind;
+    n->n_in = n_in;
+    n->out = n->scratch = n->mean = n->var = n->mask = -1;
+    for (int k = 0; k < n_in; k++) {
+        tensor *t = &g->tensors[in[k]];
+        if (t->n_consumers == G_MAX_CONSUMERS)
+            return ds_fail(DS_ERR_VALUE, "training graph: too many consumers");
+        t->consumer[t->n_consumers++] = id;
+        n->in[k] = in[k];
+    }
+    g->n_nodes++;
+    *out = n;
+    return DS_OK;
+}
+
+/* TF 'same' padding: output ceil(in / stride), the odd pixel of padding goes after. */
+static void same_padding(int in, int stride, int span, int *out, int *before, int *after)
+{
+    *out = (in + stride - 1) / stride;
+    int total = (*out - 1) * stride + span - in;
+    if (total < 0)
+        total = 0;
+    *before = total / 2;
+    *after = total - *before;
+}
+
+static ds_status g_conv(graph *g, ds_backend *be, int in, int *out, conv_params *cp, conv_params *cg, int transposed,
+                        int stride, int dilation, int need_dsrc)
+{
+    const tensor *x = &g->tensors[in];
+    conv_desc d = {.transposed = transposed, .batch = g->batch, .in_channels = x->c, .in_height = x->h,
+                   .in_width = x->w, .out_channels = cp->out_channels, .kernel = cp->kernel, .stride = stride,
+                   .dilation = dilation};
+    int span = (cp->kernel - 1) * dilation + 1, unused;
+    if (transposed) {
+        d.out_height = x->h * stride;
+        d.out_width = x->w * stride;
+        same_padding(d.out_height, stride, span, &unused, &d.pad_before, &d.pad_after);
+    } else {
+        same_padding(x->h, stride, span, &d.out_height, &d.pad_before, &d.pad_after);
+        same_padding(x->w, stride, span, &d.out_width, &d.pad_before, &d.pad_after);
+    }
+    if (cp->in_channels != x->c)
+        return ds_fail(DS_ERR_VALUE, "training graph: channel mismatch");
+    node *n;
+    DS_TRY(new_node(g, &n, N_CONV, &in, 1));
+    n->cp = cp;
+    n->cg = cg;
+    n->need_dsrc = need_dsrc && g->training;
+    DS_TRY(new_tensor(g, &n->out, d.out_channels, d.out_height, d.out_width));
+    *out = n->out;
+    return conv_train_create(&n->op, be, &d, n->need_dsrc);
+}
+
+static ds_status g_bn(graph *g, ds_backend *be, int in, int *out, bn_params *bp, bn_params *bg, int relu)
+{
+    const tensor x = g->tensors[in];
+    node *n;
+    DS_TRY(new_node(g, &n, N_BN, &in, 1));
+    n->bp = bp;
+    n->bg = bg;
+    n->relu = relu;
+    DS_TRY(new_tensor(g, &n->out, x.c, x.h, x.w));
+    if (g->training) {
+        int saved_batch = g->batch;
+        g->batch = 1; /* statistics: [channels] */
+        ds_status rc = new_tensor(g, &n->mean, x.c, 1, 1);
+        if (rc == DS_OK)
+            rc = new_tensor(g, &n->var, x.c, 1, 1);
+        g->batch = saved_batch;
+        DS_TRY(rc);
+    }
+    *out = n->out;
+    return batchnorm_train_create(&n->op, be, g->batch, x.c, x.h, x.w, DS_BN_EPSILON, relu, g->training);
+}
+
+static ds_status g_pool(graph *g, ds_backend *be, int in, int *out)
+{
+    const tensor x = g->tensors[in];
+    int oh, ow, before, after;
+    same_padding(x.h, 2, 3, &oh, &before, &after);
+    same_padding(x.w, 2, 3, &ow, &before, &after);
+    node *n;
+    DS_TRY(new_node(g, &n, N_POOL, &in, 1));
+    DS_TRY(new_tensor(g, &n->out, x.c, oh, ow));
+    *out = n->out;
+    return maxpool_train_create(&n->op, be, g->batch, x.c, x.h, x.w, oh, ow, 3, 2, before, after);
+}
+
+static ds_status g_concat(graph *g, ds_backend *be, const int *in, int n_in, int *out)
+{
+    int channels[CONCAT_MAX_INPUTS], total = 0;
+    for (int k = 0; k < n_in; k++) {
+        channels[k] = g->tensors[in[k]].c;
+        total += channels[k];
+    }
+    const tensor x = g->tensors[in[0]];
+    node *n;
+    DS_TRY(new_node(g, &n, N_CONCAT, in, n_in));
+    DS_TRY(new_tensor(g, &n->out, total, x.h, x.w));
+    *out = n->out;
+    return concat_forward_create(&n->concat, be, g->batch, x.h, x.w, n_in, channels);
+}
+
+/* out = [relu](dropout(a) + b) */
+static ds_status g_drop_add(graph *g, int a, int b, int *out, int relu)
+{
+    const tensor x = g->tensors[a], y = g->tensors[b];
+    if (x.c != y.c || x.h != y.h || x.w != y.w)
+        return ds_fail(DS_ERR_VALUE, "training graph: residual shapes differ");
+    int in[2] = {a, b};
+    node *n;
+    DS_TRY(new_node(g, &n, N_DROP_ADD, in, 2));
+    n->relu = relu;
+    DS_TRY(new_tensor(g, &n->out, x.c, x.h, x.w));
+    if (g->training) {
+        int saved_batch = g->batch;
+        g->batch = 1; /* mask: [batch, channels] */
+        ds_status rc = new_tensor(g, &n->mask, saved_batch * x.c, 1, 1);
+        g->batch = saved_batch;
+        DS_TRY(rc);
+    }
+    *out = n->out;
+    return DS_OK;
+}
+
+static ds_status build_network(graph *g, ds_trainer *tr)
+{
+    ds_backend *be = tr->backend;
+    model_params *p = &tr->params, *d = &tr->grads;
+    int x, t, u;
+    DS_TRY(new_tensor(g, &g->input, 1, g->height, g->width));
+    DS_TRY(new_tensor(g, &g->target, 1, g->height, g->width));
+    x = g->input;
+    /* CASO: three paths from the raw input */
+    int paths[CASO_PATHS];
+    for (int path = 0; path < CASO_PATHS; path++) {
+        t = x;
+        for (int i = 0; i < 3; i++) {
+            conv_params *cp = &p->caso[path].conv[i], *cg = &d->caso[path].conv[i];
+            bn_params *bp = &p->caso[path].bn[i], *bg = &d->caso[path].bn[i];
+            int stride = path == CASO_STRIDED ? 2 : 1, dilation = path == CASO_ATROUS ? 2 : 1;
+            DS_TRY(g_conv(g, be, t, &u, cp, cg, 0, stride, dilation, i > 0));
+            DS_TRY(g_bn(g, be, u, &t, bp, bg, 1));
+            if (path != CASO_STRIDED) {
+                DS_TRY(g_pool(g, be, t, &u));
+                t = u;
+            }
+        }
+        paths[path] = t;
+    }
+    DS_TRY(g_concat(g, be, paths, CASO_PATHS, &t));
+    /* trunk: pre-activation bottlenecks */
+    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
+        int h = t, shortcut = t, a;
+        for (int i = 0; i < 3; i++) {
+            DS_TRY(g_bn(g, be, h, &a, &p->trunk[b].bn[i], &d->trunk[b].bn[i], 1));
+            DS_TRY(g_conv(g, be, a, &h, &p->trunk[b].conv[i], &d->trunk[b].conv[i], 0, 1, 1, 1));
+        }
+        if (b == 0) {
+            DS_TRY(g_conv(g, be, t, &u, &p->trunk[0].shortcut_conv, &d->trunk[0].shortcut_conv, 0, 1, 1, 1));
+            DS_TRY(g_bn(g, be, u, &shortcut, &p->trunk[0].shortcut_bn, &d->trunk[0].shortcut_bn, 0));
+        }
+        DS_TRY(g_drop_add(g, h, shortcut, &t, 0));
+    }
+    /* decoder: up-residual blocks */
+    for (int j = 0; j < 3; j++) {
+        int h = t, s;
+        for (int i = 0; i < 3; i++) {
+            DS_TRY(g_conv(g, be, h, &u, &p->decoder[j].convt[i], &d->decoder[j].convt[i], 1, i == 0 ? 2 : 1, 1, 1));
+            DS_TRY(g_bn(g, be, u, &h, &p->decoder[j].bn[i], &d->decoder[j].bn[i], i < 2));
+        }
+        DS_TRY(g_conv(g, be, t, &u, &p->decoder[j].shortcut_convt, &d->decoder[j].shortcut_convt, 1, 2, 1, 1));
+        DS_TRY(g_bn(g, be, u, &s, &p->decoder[j].shortcut_bn, &d->decoder[j].shortcut_bn, 0));
+        DS_TRY(g_drop_add(g, h, s, &t, 1));
+    }
+    DS_TRY(g_conv(g, be, t, &g->logits, &p->head, &d->head, 0, 1, 1, 1));
+    int in[2] = {g->logits, g->target};
+    node *n;
+    return new_node(g, &n, N_LOSS, in, 2);
+}
+
+/* Lifetimes on the schedule (forward i at step i, backward at 2N-1-i), gradient and scratch
+ * tensors, accumulation flags. */
+static ds_status plan_lifetimes(graph *g)
+{
+    int N = g->n_nodes;
+#define BWD(i) (2 * N - 1 - (i))
+    int n_activations = g->n_tensors;
+    for (int i = 0; i < N; i++) {
+        node *n = &g->nodes[i];
+        if (n->out >= 0)
+            g->tensors[n->out].first = i;
+        if (n->mean >= 0) {
+            g->tensors[n->mean].first = g->tensors[n->var].first = i;
+            g->tensors[n->mean].last = g->tensors[n->var].last = BWD(i);
+        }
+        if (n->mask >= 0) {
+            g->tensors[n->mask].first = i;
+            g->tensors[n->mask].last = BWD(i);
+        }
+    }
+    g->tensors[g->input].first = g->tensors[g->target].first = 0;
+    for (int id = 0; id < n_activations; id++) {
+        tensor *t = &g->tensors[id];
+        for (int k = 0; k < t->n_consumers; k++) {
+            int j = t->consumer[k];
+            if (j > t->last)
+                t->last = j;
+            /* backward reads: a convolution's and a batch norm's source, an add+ReLU's output */
+            if (g->training && (g->nodes[j].kind == N_CONV || g->nodes[j].kind == N_BN) && BWD(j) > t->last)
+                t->last = BWD(j);
+        }
+        if (t->first < 0)
+            t->first = 0;
+    }
+    if (g->training) {
+        for (int i = 0; i < N; i++) {
+            node *n = &g->nodes[i];
+            if (n->kind == N_DROP_ADD && n->relu)
+                g->tensors[n->out].last = BWD(i);
+        }
+        /* gradients of every activation except the input and the target */
+        for (int id = 0; id < n_activations; id++) {
+            tensor *t = &g->tensors[id];
+            /* (saved statistics and masks have no consumers) */
+            if (id == g->input || id == g->target || t->n_consumers == 0)
+                continue;
+            int producer = t->first, last_consumer = t->consumer[t->n_consumers - 1];
+            DS_TRY(new_tensor(g, &t->grad, t->c, t->h, t->w));
+            tensor *gt = &g->tensors[t->grad];
+            gt->first = id == g->logits ? last_consumer : BWD(last_consumer);
+            gt->last = BWD(producer);
+            /* every consumer but the last accumulates */
+            for (int k = 0; k < t->n_consumers - 1; k++) {
+                node *c = &g->nodes[t->consumer[k]];
+                for (int s = 0; s < c->n_in; s++)
+                    if (c->in[s] == id)
+                        c->acc[s] = 1;
+                if (c->kind == N_CONV || c->kind == N_BN || c->kind == N_POOL) {
+                    DS_TRY(new_tensor(g, &c->scratch, t->c, t->h, t->w));
+                    g->tensors[c->scratch].first = g->tensors[c->scratch].last = BWD(t->consumer[k]);
+                } else if (c->kind == N_CONCAT) {
+                    return ds_fail(DS_ERR_VALUE, "training graph: a concat input with several consumers");
+                }
+            }
+        }
+    }
+    g->tensors[g->input].last = g->tensors[g->target].last = g->training ? 2 * N : N;
+    g->tensors[g->logits].last = g->training ? g->tensors[g->logits].last : N;
+#undef BWD
+    return DS_OK;
+}
+
+/* Greedy first fit by lifetime, offsets 64-byte aligned (as model.c's place_tensors). */
+static void place_tensors(graph *g)
+{
+    size_t top = 0;
+    for (int i = 0; i < g->n_tensors; i++) {
+        tensor *t = &g->tensors[i];
+        size_t size = (t->floats + 15) & ~(size_t)15, offset = 0;
+        for (int moved = 1; moved;) {
+            moved = 0;
+            for (int j = 0; j < i; j++) {
+                tensor *o = &g->tensors[j];
+                size_t osize = (o->floats + 15) & ~(size_t)15;
+                int live_together = o->first <= t->last && t->first <= o->last;
+                if (live_together && offset < o->offset + osize && o->offset < offset + size) {
+                    offset = o->offset + osize;
+                    moved = 1;
+                }
+            }
+        }
+        t->offset = offset;
+        if (offset + size > top)
+            top = offset + size;
+    }
+    g->arena_floats = top;
+}
+
+static void graph_free(graph *g)
+{
+    if (!g)
+        return;
+    for (int i = 0; i < g->n_nodes; i++) {
+        train_op_destroy(g->nodes[i].op);
+        op_destroy(g->nodes[i].concat);
+    }
+    free(g);
+}
+
+static ds_status graph_create(graph **out, ds_trainer *tr, int batch, int height, int width, int training)
+{
+    graph *g = calloc(1, sizeof *g);
+    if (!g)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    g->batch = batch;
+    g->height = height;
+    g->width = width;
+    g->training = training;
+    ds_status rc = build_network(g, tr);
+    if (rc == DS_OK)
+        rc = plan_lifetimes(g);
+    if (rc != DS_OK) {
+        graph_free(g);
+        return rc;
+    }
+    place_tensors(g);
+    *out = g;
+    return DS_OK;
+}
+
+static ds_status get_graph(ds_trainer *tr, int batch, int height, int width, int training, graph **out)
+{
+    if (batch < 1)
+        return ds_fail(DS_ERR_VALUE, "batch of %d; expected >= 1", batch);
+    if (height < DS_SIZE_MULTIPLE || width < DS_SIZE_MULTIPLE || height % DS_SIZE_MULTIPLE ||
+        width % DS_SIZE_MULTIPLE)
+        return ds_fail(DS_ERR_VALUE, "input of %dx%d; expected sides that are positive multiples of %d", height,
+                       width, DS_SIZE_MULTIPLE);
+    int victim = 0;
+    for (int i = 0; i < GRAPH_CACHE; i++) {
+        graph *g = tr->graphs[i];
+        if (g && g->batch == batch && g->height == height && g->width == width && g->training == training) {
+            g->last_used = ++tr->clock;
+            *out = g;
+            return DS_OK;
+        }
+        if (!g || (tr->graphs[victim] && g->last_used < tr->graphs[victim]->last_used))
+            victim = i;
+    }
+    graph_free(tr->graphs[victim]);
+    tr->graphs[victim] = NULL;
+    graph *g = NULL;
+    DS_TRY(graph_create(&g, tr, batch, height, width, training));
+    if (g->arena_floats > tr->arena_floats) {
+        free(tr->arena);
+        tr->arena = aligned_alloc(64, g->arena_floats * sizeof(float));
+        tr->arena_floats = tr->arena ? g->arena_floats : 0;
+        if (!tr->arena) {
+            size_t mib = g->arena_floats * sizeof(float) >> 20;
+            graph_free(g);
+            return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations to train on a batch of %d at %dx%d",
+                           mib, batch, height, width);
+        }
+    }
+    g->last_used = ++tr->clock;
+    tr->graphs[victim] = g;
+    *out = g;
+    return DS_OK;
+}
+
+/* ---------------------------------------------------------------- execution */
+
+#define T(id) (tr->arena + g->tensors[id].offset)
+
+static void update_moving_statistics(const ds_trainer *tr, const graph *g, const node *n)
+{
+    const float *mean = T(n->mean), *var = T(n->var);
+    const tensor *x = &g->tensors[n->in[0]];
+    double count = (double)g->batch * x->h * x->w;
+    float correction = tr->cfg.bn_bessel && count > 1.0 ? (float)(count / (count - 1.0)) : 1.0f;
+    float momentum = (float)tr->cfg.bn_momentum, rest = (float)(1.0 - tr->cfg.bn_momentum);
+    bn_params *b = n->bp;
+    for (int c = 0; c < b->channels; c++) {
+        b->moving_mean[c] = b->moving_mean[c] * momentum + mean[c] * rest;
+        b->moving_variance[c] = b->moving_variance[c] * momentum + var[c] * correction * rest;
+    }
+}
+
+static ds_status forward(ds_trainer *tr, graph *g, ds_loss_value *loss, float *pred)
+{
+    for (int i = 0; i < g->n_nodes; i++) {
+        node *n = &g->nodes[i];
+        switch (n->kind) {
+        case N_CONV:
+            DS_TRY(conv_train_forward(n->op, T(n->out), T(n->in[0]), n->cp->weight, n->cp->bias));
+            break;
+        case N_BN:
+            if (g->training) {
+                DS_TRY(batchnorm_train_forward(n->op, T(n->out), T(n->mean), T(n->var), T(n->in[0]), n->bp->gamma,
+                                               n->bp->beta));
+            } else {
+                DS_TRY(batchnorm_train_forward(n->op, T(n->out), n->bp->moving_mean, n->bp->moving_variance,
+                                               T(n->in[0]), n->bp->gamma, n->bp->beta));
+            }
+            break;
+        case N_POOL:
+            DS_TRY(maxpool_train_forward(n->op, T(n->out), T(n->in[0])));
+            break;
+        case N_CONCAT: {
+            const float *srcs[CONCAT_MAX_INPUTS];
+            for (int k = 0; k < n->n_in; k++)
+                srcs[k] = T(n->in[k]);
+            DS_TRY(concat_forward(n->concat, srcs, T(n->out)));
+            break;
+        }
+        case N_DROP_ADD: {
+            const tensor *x = &g->tensors[n->out];
+            size_t pixels = (size_t)x->h * x->w;
+            if (g->training && tr->cfg.dropout_rate > 0.0f) {
+                dropout_mask(T(n->mask), g->batch, x->c, tr->cfg.dropout_rate, tr->cfg.seed,
+                             (unsigned long long)tr->step * 1024u + (unsigned)i);
+                spatial_dropout_forward(T(n->out), T(n->in[0]), T(n->mask), g->batch, pixels, x->c);
+                add_inplace(T(n->out), T(n->in[1]), x->floats);
+            } else {
+                if (g->training)
+                    dropout_mask(T(n->mask), g->batch, x->c, 0.0f, 0, 0);
+                add_forward(T(n->out), T(n->in[0]), T(n->in[1]), x->floats);
+            }
+            if (n->relu) {
+                float *y = T(n->out);
+                for (size_t k = 0; k < x->floats; k++)
+                    y[k] = y[k] > 0.0f ? y[k] : 0.0f;
+            }
+            break;
+        }
+        case N_LOSS: {
+            double terms[2] = {0, 0};
+            const tensor *z = &g->tensors[n->in[0]];
+            double value = deepspot_loss(pred, g->training ? T(z->grad) : NULL, terms, T(n->in[0]), T(n->in[1]),
+                                         g->batch, (size_t)z->h * z->w, tr->cfg.bce_mode, tr->cfg.max_mode);
+            if (loss)
+                *loss = (ds_loss_value){value, terms[0], terms[1]};
+            break;
+        }
+        }
+    }
+    return DS_OK;
+}
+
+static void commit_moving_statistics(ds_trainer *tr, graph *g)
+{
+    for (int i = 0; i < g->n_nodes; i++)
+        if (g->nodes[i].kind == N_BN)
+            update_moving_statistics(tr, g, &g->nodes[i]);
+}
+
+/* Where node n writes d(in[k]): the gradient itself, or its scratch when it must accumulate. */
+static float *grad_target(ds_trainer *tr, graph *g, node *n, int k)
+{
+    return n->acc[k] ? T(n->scratch) : T(g->tensors[n->in[k]].grad);
+}
+
+static ds_status backward(ds_trainer *tr, graph *g)
+{
+    for (int i = g->n_nodes - 1; i >= 0; i--) {
+        node *n = &g->nodes[i];
+        const tensor *in0 = &g->tensors[n->in[0]];
+        float *dout = n->out >= 0 ? T(g->tensors[n->out].grad) : NULL;
+        switch (n->kind) {
+        case N_LOSS:
+            break; /* the loss wrote d(logits) in its forward */
+        case N_CONV:
+            DS_TRY(conv_backward(n->op, n->need_dsrc ? grad_target(tr, g, n, 0) : NULL, n->cg->weight, n->cg->bias,
+                                 dout, T(n->in[0])));
+            if (n->need_dsrc && n->acc[0])
+                add_inplace(T(in0->grad), T(n->scratch), in0->floats);
+            break;
+        case N_BN:
+            DS_TRY(batchnorm_backward(n->op, grad_target(tr, g, n, 0), n->bg->gamma, n->bg->beta, dout, T(n->in[0]),
+                                      T(n->mean), T(n->var), n->bp->gamma));
+            if (n->acc[0])
+                add_inplace(T(in0->grad), T(n->scratch), in0->floats);
+            break;
+        case N_POOL:
+            DS_TRY(maxpool_backward(n->op, grad_target(tr, g, n, 0), dout));
+            if (n->acc[0])
+                add_inplace(T(in0->grad), T(n->scratch), in0->floats);
+            break;
+        case N_CONCAT: {
+            float *dsrcs[CONCAT_MAX_INPUTS];
+            int channels[CONCAT_MAX_INPUTS];
+            for (int k = 0; k < n->n_in; k++) {
+                dsrcs[k] = T(g->tensors[n->in[k]].grad);
+                channels[k] = g->tensors[n->in[k]].c;
+            }
+            concat_backward(dsrcs, dout, (size_t)g->batch * in0->h * in0->w, n->n_in, channels);
+            break;
+        }
+        case N_DROP_ADD: {
+            const tensor *y = &g->tensors[n->out], *b = &g->tensors[n->in[1]];
+            size_t count = y->floats;
+            if (n->acc[0])
+                return ds_fail(DS_ERR_VALUE, "training graph: a dropout input with several consumers");
+            if (n->relu)
+                relu_backward(dout, dout, T(n->out), count, 0);
+            /* d(b) = dout; d(a) = dout * mask */
+            if (n->acc[1])
+                add_inplace(T(b->grad), dout, count);
+            else
+                memcpy(T(b->grad), dout, count * sizeof(float));
+            spatial_dropout_backward(T(in0->grad), dout, T(n->mask), g->batch, (size_t)y->h * y->w, y->c);
+            break;
+        }
+        }
+    }
+    return backend_synchronize(tr->backend);
+}
+
+static ds_status copy_inputs(ds_trainer *tr, graph *g, const float *images, const float *targets)
+{
+    size_t n = (size_t)g->batch * g->height * g->width;
+    memcpy(T(g->input), images, n * sizeof(float));
+    if (targets)
+        memcpy(T(g->target), targets, n * sizeof(float));
+    return DS_OK;
+}
+
+#undef T
+
+static ds_status check_finite(const float *a, size_t n, const char *what)
+{
+    int finite = 1;
+    for (size_t i = 0; i < n; i++)
+        finite &= isfinite(a[i]);
+    return finite ? DS_OK : ds_fail(DS_ERR_VALUE, "%s hold NaN or Inf values", what);
+}
+
+static ds_status check_step_inputs(const float *images, const float *targets, size_t n)
+{
+    if (!images || !targets)
+        return ds_fail(DS_ERR_VALUE, "images and targets are required");
+    DS_TRY(check_finite(images, n, "the images"));
+    return check_finite(targets, n, "the targets");
+}
+
+ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int width, const float *images,
+                                    const float *targets, ds_loss_value *loss)
+{
+    DS_TRY(check_step_inputs(images, targets, (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0)));
+    graph *g = NULL;
+    DS_TRY(get_graph(tr, batch, height, width, 1, &g));
+    ds_loss_value value;
+    DS_TRY(copy_inputs(tr, g, images, targets));
+    DS_TRY(forward(tr, g, &value, NULL));
+    DS_TRY(backward(tr, g));
+    if (!isfinite(value.loss))
+        return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g)", value.loss);
+    if (loss)
+        *loss = value;
+    return DS_OK;
+}
+
+ds_status trainer_step(ds_trainer *tr, int batch, int height, int width, const float *images, const float *targets,
+                       ds_loss_value *loss)
+{
+    DS_TRY(check_step_inputs(images, targets, (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0)));
+    graph *g = NULL;
+    DS_TRY(get_graph(tr, batch, height, width, 1, &g));
+    ds_loss_value value;
+    DS_TRY(copy_inputs(tr, g, images, targets));
+    DS_TRY(forward(tr, g, &value, NULL));
+    if (!isfinite(value.loss))
+        return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g): no update made", value.loss);
+    /* Keras updates the moving statistics in the forward; here only once the loss is known to be
+     * finite (the batch statistics stay saved until each node's backward). */
+    commit_moving_statistics(tr, g);
+    DS_TRY(backward(tr, g));
+    long step = tr->step + 1;
+    for (int k = 0; k < tr->n_trainable; k++) {
+        const ds_param_entry *e = &tr->table[0]->entries[tr->trainable[k]];
+        size_t offset = (size_t)(*e->slot - tr->mem[0]);
+        adam_update(tr->mem[0] + offset, tr->mem[2] + offset, tr->mem[3] + offset, tr->mem[1] + offset, e->count,
+                    tr->cfg.learning_rate, tr->cfg.beta1, tr->cfg.beta2, tr->cfg.adam_epsilon, step);
+    }
+    tr->step = step;
+    if (loss)
+        *loss = value;
+    return DS_OK;
+}
+
+ds_status trainer_evaluate(ds_trainer *tr, int batch, int height, int width, const float *images,
+                           const float *targets, float *pred, ds_loss_value *loss)
+{
+    if (!images)
+        return ds_fail(DS_ERR_VALUE, "images are required");
+    size_t n = (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0);
+    DS_TRY(check_finite(images, n, "the images"));
+    if (targets)
+        DS_TRY(check_finite(targets, n, "the targets"));
+    graph *g = NULL;
+    DS_TRY(get_graph(tr, batch, height, width, 0, &g));
+    DS_TRY(copy_inputs(tr, g, images, targets));
+    ds_loss_value value = {0, 0, 0};
+    if (!targets) /* no loss wanted: any target will do */
+        memset(tr->arena + g->tensors[g->target].offset, 0, g->tensors[g->target].floats * sizeof(float));
+    DS_TRY(forward(tr, g, &value, pred));
+    if (!targets)
+        value = (ds_loss_value){0, 0, 0};
+    DS_TRY(backend_synchronize(tr->backend));
+    if (loss)
+        *loss = value;
+    return DS_OK;
+}
+
+/* ---------------------------------------------------------------- trainer */
+
+ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_train_config *config)
+{
+    ds_train_config cfg;
+    if (config)
+        cfg = *config;
+    else
+        train_config_default(&cfg);
+    DS_TRY(check_config(&cfg));
+    ds_trainer *tr = calloc(1, sizeof *tr);
+    if (!tr)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    tr->cfg = cfg;
+    ds_status rc = DS_OK;
+    tr->n_floats = model_param_floats();
+    model_params *sets[4] = {&tr->params, &tr->grads, &tr->m, &tr->v};
+    for (int k = 0; k < 4 && rc == DS_OK; k++) {
+        tr->mem[k] = calloc(tr->n_floats, sizeof(float));
+        tr->table[k] = malloc(sizeof(ds_param_table));
+        if (!tr->mem[k] || !tr->table[k]) {
+            rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+            break;
+        }
+        model_params_bind(sets[k], tr->mem[k]);
+        model_param_table(sets[k], tr->table[k]);
+    }
+    if (rc == DS_OK) {
+        model_params copy = *init;
+        ds_param_table *src = malloc(sizeof *src);
+        if (!src)
+            rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+        else {
+            model_param_table(&copy, src);
+            for (int i = 0; i < src->count && rc == DS_OK; i++) {
+                const ds_param_entry *e = &tr->table[0]->entries[i];
+                const float *from = *src->entries[i].slot;
+                if (!from) {
+                    rc = ds_fail(DS_ERR_VALUE, "initial parameter '%s' is missing", e->name);
+                    break;
+                }
+                memcpy(*e->slot, from, e->count * sizeof(float));
+                for (size_t j = 0; j < e->count; j++)
+                    if (!isfinite(from[j])) {
+                        rc = ds_fail(DS_ERR_VALUE, "initial parameter '%s' holds NaN or Inf values", e->name);
+                        break;
+                    }
+                if (!strstr(e->name, ".moving_"))
+                    tr->trainable[tr->n_trainable++] = i;
+            }
+            free(src);
+        }
+    }
+    if (rc == DS_OK)
+        rc = backend_create(&tr->backend);
+    if (rc != DS_OK) {
+        trainer_free(tr);
+        return rc;
+    }
+    *out = tr;
+    return DS_OK;
+}
+
+void trainer_free(ds_trainer *tr)
+{
+    if (!tr)
+        return;
+    for (int i = 0; i < GRAPH_CACHE; i++)
+        graph_free(tr->graphs[i]);
+    backend_destroy(tr->backend);
+    for (int k = 0; k < 4; k++) {
+        free(tr->mem[k]);
+        free(tr->table[k]);
+    }
+    free(tr->arena);
+    free(tr);
+}
+
+const ds_train_config *trainer_get_config(const ds_trainer *tr) { return &tr->cfg; }
+
+ds_status trainer_set_config(ds_trainer *tr, const ds_train_config *config)
+{
+    DS_TRY(check_config(config));
+    tr->cfg = *config;
+    return DS_OK;
+}
+
+const model_params *trainer_parameters(const ds_trainer *tr) { return &tr->params; }
+const model_params *trainer_gradients(const ds_trainer *tr) { return &tr->grads; }
+long trainer_step_count(const ds_trainer *tr) { return tr->step; }
+void trainer_set_step_count(ds_trainer *tr, long step) { tr->step = step < 0 ? 0 : step; }
+int trainer_num_tensors(const ds_trainer *tr) { return tr->table[0]->count; }
+
+const ds_param_entry *trainer_tensor_entry(const ds_trainer *tr, int index)
+{
+    return index >= 0 && index < tr->table[0]->count ? &tr->table[0]->entries[index] : NULL;
+}
+
+size_t trainer_arena_bytes(const ds_trainer *tr) { return tr->arena_floats * sizeof(float); }
+
+ds_status trainer_tensor(ds_trainer *tr, const char *name, float **data, const ds_param_entry **entry)
+{
+    static const char *prefixes[4] = {"", "grad.", "adam.m.", "adam.v."};
+    for (int k = 3; k >= 0; k--) {
+        size_t len = strlen(prefixes[k]);
+        if (strncmp(name, prefixes[k], len) != 0)
+            continue;
+        const ds_param_table *t = tr->table[k];
+        for (int i = 0; i < t->count; i++)
+            if (strcmp(t->entries[i].name, name + len) == 0) {
+                *data = *t->entries[i].slot;
+                if (entry)
+                    *entry = &tr->table[0]->entries[i];
+                return DS_OK;
+            }
+        break;
+    }
+    return ds_fail(DS_ERR_VALUE, "the trainer has no tensor '%s'", name);
+}
+
+ds_status trainer_load(ds_trainer *tr, const char *path)
+{
+    st_file file;
+    DS_TRY(st_read(&file, path));
+    ds_status rc = DS_OK;
+    /* validate everything first, then copy: nothing changes on error */
+    for (int pass = 0; pass < 2 && rc == DS_OK; pass++) {
+        for (int i = 0; i < file.ntensors && rc == DS_OK; i++) {
+            const st_tensor *t = &file.tensors[i];
+            float *data;
+            const ds_param_entry *e;
+            if (strncmp(t->name, "grad.", 5) == 0 || trainer_tensor(tr, t->name, &data, &e) != DS_OK) {
+                rc = ds_fail(DS_ERR_FORMAT, "'%s' has an unexpected tensor '%s'", path, t->name);
+                break;
+            }
+            int same = t->ndim == e->ndim;
+            for (int d = 0; same && d < e->ndim; d++)
+                same = t->shape[d] == e->shape[d];
+            if (!same) {
+                rc = ds_fail(DS_ERR_FORMAT, "'%s': tensor '%s' does not have the architecture's shape", path, t->name);
+                break;
+            }
+            if (pass == 0) {
+                for (size_t j = 0; j < t->count; j++) {
+                    float value;
+                    memcpy(&value, t->data + 4 * j, 4);
+                    if (!isfinite(value)) {
+                        rc = ds_fail(DS_ERR_FORMAT, "'%s': tensor '%s' holds NaN or Inf values", path, t->name);
+                        break;
+                    }
+                }
+            } else {
+                memcpy(data, t->data, t->count * sizeof(float));
+            }
+        }
+        if (pass == 0 && rc == DS_OK)
+            for (int i = 0; i < tr->table[0]->count; i++)
+                if (!st_find(&file, tr->table[0]->entries[i].name)) {
+                    rc = ds_fail(DS_ERR_FORMAT, "'%s' lacks parameter '%s'", path, tr->table[0]->entries[i].name);
+                    break;
+                }
+        if (pass == 0 && rc == DS_OK) {
+            /* moments absent from the file start at zero */
+            memset(tr->mem[2], 0, tr->n_floats * sizeof(float));
+            memset(tr->mem[3], 0, tr->n_floats * sizeof(float));
+        }
+    }
+    st_free(&file);
+    return rc;
+}

@@ -1,0 +1,448 @@
+"""Training in the C core: the whole network's gradient against finite differences of the float64
+reference, one training step against TensorFlow/Keras (golden values made by
+tools/make_train_golden.py), overfitting, deterministic resume after an interruption, checkpoints,
+Model.fit, and clear errors for bad input."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference as ref
+from deepspot_napari import Cancelled, Model, _core, bundled_weights_path
+from deepspot_napari.simulate import simulate_image
+from deepspot_napari.train import (BEST_WEIGHTS, STATE_FILE, History, fit, initial_parameters, make_training_pair,
+                                   save_training_curves)
+
+GOLDEN = Path(__file__).parent / "data" / "golden_train_step.npz"
+LR = 1e-4
+
+
+@pytest.fixture(scope="module")
+def network():
+    return _core.Network(str(bundled_weights_path()))
+
+
+@pytest.fixture(scope="module")
+def params():
+    from safetensors.numpy import load_file  # test-only
+    return load_file(str(bundled_weights_path()))
+
+
+def scale(a):
+    a = np.asarray(a, np.float32)
+    return a / a.reshape(len(a), -1).max(axis=1)[:, None, None]
+
+
+def bn_fed_bias(name):
+    """Convolution biases that a batch norm follows: the BN removes them, their true gradient is 0."""
+    return name.endswith(".bias") and not re.fullmatch(r"trunk\.block\d\d\.conv3\.bias|head\.conv\.bias", name)
+
+
+def simulated_batch(n, size, seed, n_spots=8):
+    rng = np.random.default_rng(seed)
+    images, points, xs, ts = [], [], [], []
+    for _ in range(n):
+        image, spots = simulate_image(rng, recipe="code", n_spots=n_spots, size=size)
+        x, t = make_training_pair(image.astype(np.float32), spots)
+        images.append(image)
+        points.append(spots)
+        xs.append(x)
+        ts.append(t)
+    return images, points, np.stack(xs), np.stack(ts)
+
+
+# ---------------------------------------------------------------- gradients
+
+GRADIENT_TENSORS = [
+    "caso.strided.conv1.weight", "caso.maxpool.conv2.weight", "caso.atrous.bn3.gamma", "caso.maxpool.bn1.beta",
+    "trunk.block01.shortcut.conv.weight", "trunk.block01.bn1.beta", "trunk.block04.conv1.weight",
+    "trunk.block07.conv2.weight", "trunk.block13.bn3.gamma", "trunk.block13.conv3.bias",
+    "decoder.up1.convt1.weight", "decoder.up2.shortcut.convt.weight", "decoder.up2.bn2.gamma",
+    "decoder.up3.convt3.weight", "decoder.up3.shortcut.bn.beta", "head.conv.weight", "head.conv.bias",
+]
+
+
+@pytest.mark.parametrize("max_term", ["batch", "per_image"])
+def test_whole_network_gradient_matches_finite_differences(network, params, max_term):
+    """Batch 2 at 32x32 (BN on batch statistics needs more than one value per channel: the trunk
+    runs at 4x4), the published weights, dropout off. For each tensor: the derivative along a random
+    direction and at its largest coordinate, against central differences of the float64 reference."""
+    rng = np.random.default_rng(11)
+    x = rng.random((2, 32, 32)).astype(np.float32)
+    t = scale(rng.random((2, 32, 32)))
+    trainer = _core.Trainer(network, dropout=0.0, max_term=max_term)
+    loss = trainer.gradients(x, t)[0]
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+
+    def total(p):
+        return ref.deepspot_loss(ref.deepspot_logits_train(x[..., None].astype(np.float64), p), t, "logits", max_term)
+
+    assert abs(loss - total(p64)) <= 1e-6 * loss
+    worst = 0.0
+    for name in GRADIENT_TENSORS:
+        g = trainer.get("grad." + name).astype(np.float64)
+        base = p64[name]
+        direction = rng.standard_normal(g.shape)
+        h = 1e-7 * max(np.abs(base).max(), 1e-2) / np.abs(direction).max()
+        fd_dir = (total({**p64, name: base + h * direction}) - total({**p64, name: base - h * direction})) / (2 * h)
+        err_dir = abs(float(np.sum(g * direction)) - fd_dir) / (np.linalg.norm(g) * np.linalg.norm(direction))
+        i = np.unravel_index(np.argmax(np.abs(g)), g.shape)
+        e = np.zeros_like(base)
+        e[i] = 1e-7 * max(abs(base[i]), 1e-2)
+        fd_i = (total({**p64, name: base + e}) - total({**p64, name: base - e})) / (2 * e[i])
+        err_i = abs(g[i] - fd_i) / abs(fd_i)
+        print(f"{name}: directional {err_dir:.1e}, largest coordinate {err_i:.1e}")
+        worst = max(worst, err_dir, err_i)
+    print(f"worst relative error {worst:.2e}")
+    assert worst <= 1e-3
+    # a bias that a batch norm follows has no effect: its gradient is rounding noise
+    assert np.abs(trainer.get("grad.caso.strided.conv2.bias")).max() <= 1e-5 * np.abs(
+        trainer.get("grad.caso.strided.conv2.weight")).max()
+
+
+# ---------------------------------------------------------------- one step against Keras
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(GOLDEN)
+
+
+def test_golden_file_is_small_and_recorded_with_keras_logits_bce(golden):
+    assert GOLDEN.stat().st_size < 4e6
+    info = json.loads(str(golden["info"]))
+    assert info["bce_form_used_by_keras"] == "logits"
+    assert info["learning_rate"] == LR
+
+
+def test_one_training_step_matches_keras(network, params, golden):
+    x, t = scale(golden["images"]), scale(golden["targets"])
+    trainer = _core.Trainer(network, dropout=0.0, learning_rate=LR)
+    loss = trainer.step(x, t)[0]
+    expected_loss = float(golden["loss"])
+    print(f"loss: ours {loss:.9g}, Keras {expected_loss:.9g}, rel {abs(loss - expected_loss) / expected_loss:.1e}")
+    assert abs(loss - expected_loss) <= 1e-4 * expected_loss
+
+    worst, diffs, outside, total = 0.0, [], [], []
+    for key in golden.files:
+        if key.startswith("after/"):  # BN moving statistics
+            name = key[6:]
+            expected = golden[key]
+            err = np.max(np.abs(trainer.get(name) - expected)) / np.max(np.abs(expected))
+            assert err <= 1e-4, name
+            worst = max(worst, err)
+        elif key.startswith("update/"):
+            name = key[7:]
+            before = params[name].astype(np.float64)
+            expected = before + LR * golden[key].astype(np.float64) / 127  # int8 update: +-4e-7
+            got = trainer.get(name).astype(np.float64)
+            if bn_fed_bias(name):
+                # A batch norm follows: the true gradient is exactly 0 and both implementations
+                # step on float32 rounding noise (|g| ~ 1e-6, comparable to Adam's eps / sqrt(1 -
+                # beta2) = 3e-6), so only the bound of one Adam step (lr) is common to both.
+                assert np.max(np.abs(got - before)) <= LR * 1.001, name
+                continue
+            err = np.abs(got - expected) / np.max(np.abs(expected))
+            # Where |g| is near Adam's eps / sqrt(1 - beta2) = 3e-6 the first step is most sensitive
+            # to the gradient, and there float32 noise (ours and TF's: both differ from the float64
+            # finite differences by ~1e-6 absolute) moves single values by up to ~0.5 lr.
+            outside.append(np.count_nonzero(err > 1e-4))
+            total.append(err.size)
+            assert np.max(np.abs(got - expected)) <= 2 * LR, name  # a sign flip at |g| ~ 0 at most
+            worst = max(worst, float(np.median(err)))
+            diffs.append(np.abs((got - before) / LR - golden[key] / 127.0).ravel())
+    diffs = np.concatenate(diffs)
+    assert sum(outside) <= 2e-3 * sum(total)
+    print(f"parameters after the step: {sum(outside)} of {sum(total)} values differ from Keras' by more than 1e-4 "
+          f"of their tensor's largest value; worst per-tensor median {worst:.1e}; update / lr differs by "
+          f"median {np.median(diffs):.4f}, 99th percentile {np.percentile(diffs, 99):.4f}, "
+          f"> 0.05 for {np.mean(diffs > 0.05):.3%} of the values")
+    assert np.median(diffs) <= 0.005 and np.percentile(diffs, 99) <= 0.02 and np.mean(diffs > 0.05) <= 0.005
+
+
+def test_gradients_match_keras(network, golden):
+    x, t = scale(golden["images"]), scale(golden["targets"])
+    trainer = _core.Trainer(network, dropout=0.0)
+    trainer.gradients(x, t)
+    errors = {}
+    for key in golden.files:
+        if key.startswith("grad/") and not bn_fed_bias(key[5:]):
+            expected = golden[key]
+            errors[key[5:]] = np.max(np.abs(trainer.get("grad." + key[5:]) - expected)) / np.max(np.abs(expected))
+    print(f"{len(errors)} tensors: median {np.median(list(errors.values())):.1e}, worst {max(errors.values()):.1e}")
+    assert np.median(list(errors.values())) <= 1e-3 and max(errors.values()) <= 3e-2
+
+
+# ---------------------------------------------------------------- the trainer
+
+def test_evaluate_is_the_inference_network(network):
+    rng = np.random.default_rng(5)
+    x = rng.random((2, 48, 40)).astype(np.float32)
+    trainer = _core.Trainer(network)
+    pred, loss = trainer.evaluate(x)
+    assert loss is None
+    assert np.max(np.abs(pred - network.forward(x[..., None])[..., 0])) <= 1e-5
+    pred2, (value, bce, max_term) = trainer.evaluate(x, scale(x))
+    assert np.array_equal(pred, pred2) and value == pytest.approx(bce + max_term)
+
+
+def test_steps_are_reproducible_and_dropout_is_seeded(network):
+    _, _, x, t = simulated_batch(2, 32, seed=1)
+    runs = []
+    for seed in (7, 7, 8):
+        trainer = _core.Trainer(network, seed=seed, learning_rate=1e-3)
+        losses = [trainer.step(x, t)[0] for _ in range(2)]
+        runs.append((losses, trainer.get("trunk.block05.conv2.weight"), trainer.get("decoder.up3.bn1.moving_mean")))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1]) and np.array_equal(runs[0][2], runs[1][2])
+    assert runs[0][0][0] != runs[2][0][0]  # another dropout mask
+    trainer = _core.Trainer(network)
+    assert trainer.step_count == 0
+    trainer.step(x, t)
+    assert trainer.step_count == 1
+
+
+def test_gil_is_released_and_calls_do_not_overlap(network):
+    import threading
+    _, _, x, t = simulated_batch(4, 64, seed=6)
+    trainer = _core.Trainer(network)
+    trainer.step(x, t)  # build the graph first
+    ticks, errors, done = [0], [], threading.Event()
+
+    def train():
+        trainer.step(x, t)
+        done.set()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    while not done.is_set():
+        ticks[0] += 1
+        if ticks[0] == 1000:
+            try:
+                trainer.step(x, t)
+            except RuntimeError as e:
+                errors.append(str(e))
+    worker.join()
+    assert ticks[0] > 1000
+    assert not errors or "busy" in errors[0]
+
+
+def test_moving_statistics_follow_keras_momentum(network):
+    _, _, x, t = simulated_batch(2, 32, seed=2)
+    trainer = _core.Trainer(network, dropout=0.0)
+    name = "decoder.up3.shortcut.bn"
+    mean0, var0 = trainer.get(name + ".moving_mean"), trainer.get(name + ".moving_variance")
+    trainer.step(x, t)
+    mean1, var1 = trainer.get(name + ".moving_mean"), trainer.get(name + ".moving_variance")
+    # batch statistics recovered from the update: moving = 0.99 moving + 0.01 batch
+    batch_var = (var1 - 0.99 * var0) / 0.01
+    assert np.all(batch_var > -1e-3 * np.abs(var0).max()) and not np.allclose(mean1, mean0)
+    # bn_bessel: the unbiased batch variance (TF 2.x fused batch norm), n = 2 x 32 x 32 here
+    bessel = _core.Trainer(network, dropout=0.0, bn_bessel=True)
+    bessel.step(x, t)
+    assert np.array_equal(bessel.get(name + ".moving_mean"), mean1)
+    ratio = (bessel.get(name + ".moving_variance") - 0.99 * var0) / (var1 - 0.99 * var0)
+    assert np.allclose(ratio, 2048 / 2047, rtol=1e-4)
+
+
+def test_parameters_round_trip_through_a_checkpoint(network, tmp_path):
+    _, _, x, t = simulated_batch(2, 32, seed=3)
+    trainer = _core.Trainer(network, learning_rate=1e-3)
+    trainer.step(x, t)
+    from deepspot_napari.safetensors_io import save_safetensors
+    tensors = {n: trainer.get(n) for n in trainer.names}
+    tensors.update({f"adam.{k}.{n}": trainer.get(f"adam.{k}.{n}") for n in trainer.names for k in "mv"
+                    if ".moving_" not in n})
+    save_safetensors(tmp_path / "c.safetensors", tensors)
+    other = _core.Trainer(network, learning_rate=1e-3)
+    other.load(str(tmp_path / "c.safetensors"))
+    other.step_count = trainer.step_count
+    assert trainer.step(x, t) == other.step(x, t)
+    assert np.array_equal(trainer.get("head.conv.weight"), other.get("head.conv.weight"))
+    # loading is all or nothing
+    del tensors["head.conv.bias"]
+    save_safetensors(tmp_path / "bad.safetensors", tensors)
+    before = other.get("caso.strided.conv1.weight")
+    with pytest.raises(ValueError, match="lacks parameter 'head.conv.bias'"):
+        other.load(str(tmp_path / "bad.safetensors"))
+    assert np.array_equal(other.get("caso.strided.conv1.weight"), before)
+    with pytest.raises(KeyError):
+        other.get("no.such.tensor")
+    with pytest.raises(ValueError, match="shape"):
+        other.set("head.conv.bias", np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        other.set("head.conv.bias", np.array([np.nan], np.float32))
+
+
+def test_trainer_rejects_bad_batches(network):
+    trainer = _core.Trainer(network)
+    good = np.ones((1, 16, 16), np.float32)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        trainer.step(np.ones((1, 12, 16), np.float32), np.ones((1, 12, 16), np.float32))
+    with pytest.raises(ValueError, match="shape of images"):
+        trainer.step(good, np.ones((1, 16, 8), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        trainer.step(good.astype(np.float64), good)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        trainer.step(np.full((1, 16, 16), np.nan, np.float32), good)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        trainer.evaluate(good, np.full((1, 16, 16), np.inf, np.float32))
+    assert trainer.step_count == 0
+    with pytest.raises(ValueError, match="max_term"):
+        _core.Trainer(network, max_term="mean")
+
+
+# ---------------------------------------------------------------- learning
+
+def test_overfits_four_simulated_images(network):
+    """From Keras' default initialisation, lr 1e-3, dropout off: the loss above its floor (the
+    targets' own entropy, which the BCE against soft targets can never go below) falls more than
+    10x within 60 steps on 4 simulated 64x64 images."""
+    _, _, x, t = simulated_batch(4, 64, seed=3)
+    tc = np.clip(t.astype(np.float64), 1e-12, 1 - 1e-12)
+    floor = float(np.mean(-(tc * np.log(tc) + (1 - tc) * np.log(1 - tc))))
+    trainer = _core.Trainer(network, dropout=0.0, learning_rate=1e-3)
+    for name, value in initial_parameters(trainer, seed=0).items():
+        trainer.set(name, value)
+    excess = []
+    for _ in range(60):
+        excess.append(trainer.step(x, t)[0] - floor)
+        if excess[-1] < excess[0] / 10:
+            break
+    print(f"excess loss {excess[0]:.4f} -> {excess[-1]:.4f} in {len(excess)} steps")
+    assert excess[-1] < excess[0] / 10
+
+
+def test_initial_parameters_follow_keras_defaults(network):
+    trainer = _core.Trainer(network)
+    p = initial_parameters(trainer, seed=1)
+    w = p["caso.maxpool.conv2.weight"]  # glorot uniform, fans 9*32 and 9*64
+    assert np.abs(w).max() <= np.sqrt(6 / (9 * 32 + 9 * 64)) and w.std() > 0.5 * np.sqrt(2 / (9 * 32 + 9 * 64))
+    he = p["decoder.up1.convt1.weight"]  # he normal on Keras' fan_in of (3, 3, 256, 128): 9 * 256
+    assert abs(he.std() - np.sqrt(2 / (9 * 256))) < 0.1 * np.sqrt(2 / (9 * 256))
+    assert np.all(p["trunk.block01.bn1.gamma"] == 1) and np.all(p["trunk.block01.bn1.moving_variance"] == 1)
+    assert np.all(p["head.conv.bias"] == 0)
+    assert np.array_equal(p["head.conv.weight"], initial_parameters(trainer, seed=1)["head.conv.weight"])
+
+
+# ---------------------------------------------------------------- fit
+
+def small_dataset(n=6, size=32, seed=4):
+    images, points, _, _ = simulated_batch(n, size, seed, n_spots=5)
+    return images, points
+
+
+FIT = dict(epochs=3, batch_size=2, patch_size=32, validation_split=0.34, seed=3, learning_rate=1e-3)
+
+
+def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
+    images, points = small_dataset()
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    history, trainer = fit(None, images, points, checkpoint_dir=full_dir, return_trainer=True, **FIT)
+    assert history.epoch == [1, 2, 3] and len(history.val_f1) == 3
+    steps = []
+
+    def cancel():
+        steps.append(1)
+        return len(steps) == 3  # mid epoch 2 (two steps per epoch)
+
+    with pytest.raises(Cancelled):
+        fit(None, images, points, checkpoint_dir=cut_dir, cancel=cancel, **FIT)
+    state = json.loads((cut_dir / STATE_FILE).read_text())
+    assert state["epoch"] == 1 and state["step_count"] == 2
+    resumed, resumed_trainer = fit(None, images, points, checkpoint_dir=cut_dir, return_trainer=True, **FIT)
+    assert resumed.epoch == [1, 2, 3]
+    assert resumed.loss == history.loss and resumed.val_loss == history.val_loss
+    for name in trainer.names:
+        assert np.array_equal(trainer.get(name), resumed_trainer.get(name)), name
+    assert (full_dir / BEST_WEIGHTS).is_file() and (full_dir / "curves.png").is_file()
+    assert len(list(full_dir.glob("checkpoint-*.safetensors"))) == 1
+    # the best weights load as a model
+    Model.load(full_dir / BEST_WEIGHTS)
+    # another data set or setting cannot resume this run
+    with pytest.raises(ValueError, match="cannot resume"):
+        fit(None, images[:5], points[:5], checkpoint_dir=full_dir, **FIT)
+
+
+def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
+    """A learning rate far too high makes the validation loss worsen: training stops after
+    `patience` epochs without improvement and ends with the best epoch's weights."""
+    images, points = small_dataset()
+    history, trainer = fit(None, images, points, return_trainer=True, patience=1, checkpoint_dir=tmp_path,
+                           **{**FIT, "epochs": 6, "learning_rate": 0.05})
+    best = history.best_epoch
+    assert history.val_loss[best - 1] == min(history.val_loss)
+    if history.stopped_early:
+        assert len(history.epoch) == best + 1
+    else:
+        assert len(history.epoch) == 6
+    x = np.stack([make_training_pair(i.astype(np.float32), p)[0] for i, p in zip(images, points)])
+    best_network = _core.Network(str(tmp_path / BEST_WEIGHTS))
+    assert np.max(np.abs(trainer.evaluate(x)[0] - best_network.forward(x[..., None])[..., 0])) < 1e-5
+
+
+def test_model_fit_updates_the_model_in_place(tmp_path):
+    images, points = small_dataset(n=3)
+    model = Model.load()
+    before = model.enhance(images[0].astype(np.float32), tile_size=None)
+    seen = []
+    history = model.fit(images, points, progress=lambda d, t: seen.append((d, t)),
+                        checkpoint_dir=tmp_path, **{**FIT, "epochs": 1, "validation_split": 0.0})
+    assert isinstance(history, History) and len(history.loss) == 1 and np.isnan(history.val_loss[0])
+    after = model.enhance(images[0].astype(np.float32), tile_size=None)
+    assert np.max(np.abs(after - before)) > 1e-4
+    assert model.path == tmp_path / BEST_WEIGHTS
+    assert np.max(np.abs(after - Model.load(model.path).enhance(images[0].astype(np.float32), tile_size=None))) < 1e-5
+    assert seen[-1][0] == seen[-1][1] == 2
+
+
+def test_fit_adds_simulated_images_each_epoch():
+    images, points = small_dataset(n=2)
+    history = fit(None, images, points, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0})
+    assert history.steps == 3  # (2 + 3 simulated) patches in batches of 2
+
+
+def test_fit_cuts_large_images_into_patches_and_pads_small_ones():
+    rng = np.random.default_rng(0)
+    big = rng.integers(1, 200, (70, 45)).astype(np.uint16)
+    small = rng.integers(1, 200, (20, 30)).astype(np.uint16)
+    from deepspot_napari.train import _prepare
+    data = _prepare([big, small], [np.array([[69, 44], [0, 0]]), np.array([[19.2, 29.4]])], 32)
+    assert data.x.shape == (3 * 2 + 1, 32, 32)  # rows at 0, 32, 38; cols at 0, 13; plus the padded one
+    assert np.all(data.x.reshape(7, -1).max(axis=1) == 1) and np.all(data.t.reshape(7, -1).max(axis=1) == 1)
+    assert sum(len(p) for p in data.points) >= 3
+
+
+@pytest.mark.parametrize("images,points,error,message", [
+    ([np.ones((32, 32))], [np.array([[40.0, 3.0]])], ValueError, "outside"),
+    ([np.ones((32, 32))], [np.array([[-1.0, 3.0]])], ValueError, "outside"),
+    ([np.ones((32, 32)), np.ones((32, 32))], [np.zeros((0, 2))], ValueError, "2 images but 1 point lists"),
+    ([np.full((32, 32), np.nan)], [np.zeros((0, 2))], ValueError, "NaN"),
+    ([np.zeros((32, 32))], [np.zeros((0, 2))], ValueError, "maximum"),
+    ([np.ones((32, 32, 3))], [np.zeros((0, 2))], ValueError, "2D"),
+    ([np.ones((32, 32))], [np.array([[1.0, np.inf]])], ValueError, "NaN or Inf"),
+    ([np.ones((32, 32))], [np.ones((3, 3))], ValueError, r"\(n, 2\)"),
+    ([], [], ValueError, "no training images"),
+])
+def test_fit_rejects_bad_inputs(images, points, error, message):
+    with pytest.raises(error, match=message):
+        fit(None, images, points, epochs=1, patch_size=32)
+
+
+def test_fit_rejects_bad_settings():
+    images, points = small_dataset(n=2)
+    for kwargs, message in [(dict(epochs=0), "epochs"), (dict(epochs=1, batch_size=0), "batch_size"),
+                            (dict(epochs=1, max_term="mean"), "max_term"),
+                            (dict(epochs=1, validation_split=1.0), "validation_split"),
+                            (dict(epochs=1, patch_size=30), "patch_size"), (dict(epochs=1, dropout=1.0), "dropout")]:
+        with pytest.raises(ValueError, match=message):
+            fit(None, images, points, **kwargs)
+
+
+def test_training_curves_png(tmp_path):
+    h = History(epoch=[1, 2, 3], loss=[1.0, 0.5, 0.3], val_loss=[1.1, 0.6, 0.5], val_f1=[0.2, 0.5, 0.7])
+    save_training_curves(h, tmp_path / "c.png")
+    from PIL import Image
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size == (800, 500) and len(set(im.getdata())) > 3

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Screenshots of the napari plugin in use, for docs/napari.md: each widget docked in a real
+napari window with its result (docs/screenshots/*.png, palette PNGs well under 300 KB).
+
+    python tools/make_screenshots.py [--out docs/screenshots]
+
+Needs napari with a Qt binding (pip install 'deepspot-napari[napari]'). Without $DISPLAY it
+starts its own Xvfb (apt-get install xvfb), stopped when this script has exited; `xvfb-run -a python
+tools/make_screenshots.py` works too. Training screenshots need Model.fit (deepspot_napari/train.py).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = (1500, 900)
+MAX_BYTES = 300_000
+
+
+def start_xvfb() -> None:
+    """Starts Xvfb on a free display if there is none; a watchdog shell stops it once this
+    process has exited (after Qt let go of the display), also when the process is killed."""
+    if os.environ.get("DISPLAY"):
+        return
+    if shutil.which("Xvfb") is None:
+        sys.exit("make_screenshots: no $DISPLAY and no Xvfb (apt-get install xvfb, or run under xvfb-run -a)")
+    read_fd, write_fd = os.pipe()
+    watchdog = ('Xvfb "$@" & x=$!; while kill -0 %d 2>/dev/null && kill -0 $x 2>/dev/null; do sleep 0.2; done; '
+                'kill $x 2>/dev/null; wait $x' % os.getpid())
+    subprocess.Popen(["sh", "-c", watchdog, "sh", "-displayfd", str(write_fd), "-screen", "0", "1920x1200x24",
+                      "-nolisten", "tcp"], pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        display = pipe.readline().strip()
+    if not display:
+        sys.exit("make_screenshots: Xvfb did not start")
+    os.environ["DISPLAY"] = f":{display}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))  # the checkout's package when it is not installed
+    if "QT_API" not in os.environ and importlib.util.find_spec("PyQt6") is not None:
+        os.environ["QT_API"] = "pyqt6"  # napari 0.9 shows a deprecation notice on PyQt5
+    start_xvfb()
+    return shoot(args.out)
+
+
+def shoot(out: Path) -> int:
+    import napari
+    from PIL import Image as PILImage
+    from qtpy.QtWidgets import QApplication
+
+    from deepspot_napari import Model
+    from deepspot_napari._sample_data import make_sample_data
+    from deepspot_napari._widgets import DetectWidget, EnhanceWidget, TrainWidget
+    from deepspot_napari.simulate import simulate_image
+
+    app = QApplication.instance() or QApplication([])
+
+    def settle(seconds=0.3):
+        end = time.time() + seconds
+        while time.time() < end:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def wait(owner, attribute, timeout=600):
+        start = time.time()
+        while getattr(owner, attribute) is None or getattr(owner, attribute).running:
+            app.processEvents()
+            time.sleep(0.02)
+            if time.time() - start > timeout:
+                raise TimeoutError(f"{attribute} did not finish")
+        settle()
+        task = getattr(owner, attribute)
+        if task.outcome != "done":
+            raise RuntimeError(f"{task.description}: {task.outcome} {task.error}")
+
+    def save(viewer, name):
+        settle(0.5)
+        rgba = viewer.screenshot(canvas_only=False, flash=False)
+        image = PILImage.fromarray(np.asarray(rgba)[..., :3])
+        path = out / f"{name}.png"
+        image.quantize(colors=160, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE).save(
+            path, optimize=True)
+        size = path.stat().st_size
+        print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {image.size[0]}x{image.size[1]}, "
+              f"{size // 1000} kB")
+        if size > MAX_BYTES:
+            raise RuntimeError(f"{path} is {size} bytes, over {MAX_BYTES}")
+
+    def new_viewer(title):
+        viewer = napari.Viewer(title=title, show=True)
+        viewer.window._qt_window.resize(*WINDOW)
+        return viewer
+
+    def add_sample(viewer):
+        for data, kwargs, kind in make_sample_data():
+            getattr(viewer, f"add_{kind}")(data, **kwargs)
+
+    # 1. Enhance a 2D image: raw and enhanced side by side
+    viewer = new_viewer("DeepSpot - Enhance")
+    add_sample(viewer)
+    viewer.layers["smFISH sample: true spots"].visible = False
+    enhance = EnhanceWidget(viewer)
+    viewer.window.add_dock_widget(enhance, name="Enhance spots (deepspot-napari)", area="right")
+    enhance.run_button.clicked.emit()
+    wait(enhance, "all_task")
+    viewer.grid.enabled = True
+    viewer.grid.shape = (1, 2)
+    viewer.layers["smFISH sample: true spots"].visible = False
+    viewer.layers.selection = {viewer.layers["smFISH sample enhanced"]}
+    viewer.reset_view()
+    save(viewer, "enhance_2d")
+
+    # 2. A z-stack, plane in view enhanced on demand (planes appear as the slider moves)
+    rng = np.random.default_rng(7)
+    stack = np.stack([simulate_image(rng, "ds_var", n_spots=40, size=256)[0] for _ in range(12)])
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    viewer.grid.enabled = False
+    viewer.add_image(stack, name="z-stack", colormap="gray")
+    enhance.image.value = viewer.layers["z-stack"]
+    viewer.dims.set_current_step(0, 4)
+    enhance.in_view.value = True
+    wait(enhance, "plane_task")
+    viewer.dims.set_current_step(0, 5)
+    settle(0.2)
+    wait(enhance, "plane_task")
+    viewer.layers["z-stack enhanced"].opacity = 0.85
+    viewer.reset_view()
+    save(viewer, "enhance_stack_in_view")
+    viewer.close()
+
+    # 3. Detect: points sized and coloured by score, the features table open
+    viewer = new_viewer("DeepSpot - Detect")
+    add_sample(viewer)
+    viewer.layers["smFISH sample: true spots"].visible = False
+    detect = DetectWidget(viewer)
+    viewer.window.add_dock_widget(detect, name="Detect spots (deepspot-napari)", area="right")
+    detect.run_button.clicked.emit()
+    wait(detect, "task")
+    viewer.layers["smFISH sample enhanced"].visible = False
+    detect.table_button.clicked.emit()
+    viewer.camera.center = (128, 128)
+    viewer.camera.zoom = 2.4
+    save(viewer, "detect")
+    viewer.close()
+
+    # 4. Train on annotated layers (the sample's true spots as the annotation)
+    viewer = new_viewer("DeepSpot - Train")
+    add_sample(viewer)
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train on annotated layers (deepspot-napari)", area="right")
+    if hasattr(Model, "fit"):
+        # the sample paired with its true spots (picked automatically: the Points layer is named
+        # after the image): 4 patches of 256 px, one of them kept for validation
+        train.epochs.value, train.batch_size.value, train.validation_split.value = 8, 3, 0.25
+        train.learning_rate.value = "1e-4"
+        train.train_button.clicked.emit()
+        wait(train, "task", timeout=900)
+    else:
+        print("Model.fit is not available: the train screenshot shows the widget before training")
+    viewer.reset_view()
+    save(viewer, "train")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
