@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   deepspot run mosaic.zarr -o out/ --save-enhanced   a large image in 2048 px blocks: out/mosaic.enhanced.zarr
   deepspot run images/ -o out/ --scheduler tcp://head:8786   the files as tasks on a Dask cluster
   deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100
+  deepspot train sim/ -o run1/ --epochs 10              fine-tune on images + CSVs; resumable with --resume
   deepspot evaluate sim/ --simulated -o report/   accuracy vs ground truth and baselines (Markdown, CSV, PNG)
 """
 
@@ -269,6 +270,46 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from . import evaluate
+    from .model import Model
+    from .simulate import simulate_image
+    from .train import save_training_curves
+    images, points = [], []
+    for spec in args.data:
+        for sample in evaluate.parse_dataset_spec(spec):
+            images.append(sample.image)
+            points.append(sample.truth)
+    if not images:
+        if not args.simulate:
+            raise ValueError("nothing to train on: give folders of images + CSVs and/or --simulate N")
+        rng = np.random.default_rng(args.seed)
+        for _ in range(args.simulate):
+            image, spots = simulate_image(rng, "hybrid", size=args.patch_size)
+            images.append(image)
+            points.append(spots)
+    out = Path(args.output)
+    if (out / "state.json").exists() and not args.resume:
+        raise ValueError(f"{out} holds a training run: pass --resume to continue it, or choose another folder")
+    model = Model.load(args.weights, device=args.device)
+    print(f"training {'from scratch' if args.from_scratch else 'from ' + model.path.name} on {len(images)} images"
+          f"{f' + {args.simulate} simulated per epoch' if args.simulate else ''}; checkpoints in {out}")
+    history = model.fit(images, points, epochs=args.epochs, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, validation_split=args.validation_split, seed=args.seed,
+                        max_term=args.max_term, checkpoint_dir=out, resume=args.resume, patience=args.patience,
+                        simulate=args.simulate, patch_size=args.patch_size, from_scratch=args.from_scratch,
+                        progress=Progress("train", args.quiet))
+    save_training_curves(history, out / "curves.png")
+    print(f"\n{'epoch':>5}  {'loss':>9}  {'val loss':>9}  {'val F1':>7}")
+    for i, epoch in enumerate(history.epoch):
+        val_loss = history.val_loss[i] if i < len(history.val_loss) else float("nan")
+        val_f1 = history.val_f1[i] if i < len(history.val_f1) else float("nan")
+        print(f"{epoch:>5}  {history.loss[i]:9.5f}  {val_loss:9.5f}  {val_f1:7.3f}")
+    print(f"\nbest epoch {history.best_epoch}{' (stopped early)' if history.stopped_early else ''}; "
+          f"weights: {out / 'best.safetensors'} (deepspot run ... --weights {out / 'best.safetensors'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepspot", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -378,6 +419,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluate.BIGFISH_SPOT_RADIUS_PX = 1.5, chosen on validation data)")
     detection(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train or fine-tune the network on annotated images and/or simulated ones",
+                       description="Fine-tunes the current model (default: the bundled weights) on images paired "
+                                   "with ground-truth CSVs (y,x), in the C core. Each epoch writes a checkpoint "
+                                   "(weights + optimizer state) to the output folder; an interrupted run continues "
+                                   "with --resume; early stopping keeps the best weights (best.safetensors).")
+    common(p)
+    p.add_argument("data", nargs="*", help="[NAME=]FOLDER[,CSV_FOLDER]: images + CSVs paired by file stem "
+                                           "(simulate's images/ + csv/ layout works as is)")
+    p.add_argument("-o", "--output", required=True, help="run folder: checkpoints, best.safetensors, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue the run found in the output folder")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--validation-split", type=float, default=0.2)
+    p.add_argument("--patience", type=int, default=200, help="epochs without a better validation loss before stopping")
+    p.add_argument("--max-term", default="batch", choices=("batch", "per_image", "none"),
+                   help="the loss's max term: the original code's batch form or the paper's per-image form")
+    p.add_argument("--simulate", type=int, default=0, metavar="N",
+                   help="add N freshly simulated images each epoch (and train on N simulated ones if no data)")
+    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--from-scratch", action="store_true", help="start from a random initialisation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

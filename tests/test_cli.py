@@ -105,3 +105,20 @@ def test_help_runs_as_a_program(tmp_path):
     result = subprocess.run([sys.executable, "-m", "deepspot_napari.cli", "--help"], capture_output=True, text=True,
                             cwd=tmp_path, env=env)
     assert result.returncode == 0 and "deepspot demo" in result.stdout
+
+
+def test_train_fine_tunes_resumes_and_the_weights_run(tmp_path, capsys):
+    sim = tmp_path / "sim"
+    assert main(["simulate", str(sim), "-n", "3", "--recipe", "hybrid", "--size", "64", "--spots", "10", "20"]) == 0
+    run = tmp_path / "run"
+    common = [str(sim), "-o", str(run), "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.34", "-q"]
+    assert main(["train", *common, "--epochs", "1"]) == 0
+    assert main(["train", *common, "--epochs", "2"]) == 2  # the run exists: no silent restart
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "    2  " in out and (run / "best.safetensors").exists() and (run / "curves.png").exists()
+    assert main(["run", str(sim / "images"), "-o", str(tmp_path / "spots"), "--weights", str(run / "best.safetensors"),
+                 "-q"]) == 0
+    assert main(["train", "-o", str(tmp_path / "empty"), "--epochs", "1"]) == 2
+    assert "nothing to train on" in capsys.readouterr().err
