@@ -1,6 +1,6 @@
 """Each training op of the C core (forward in training mode and backward) against finite differences
 of the float64 NumPy reference (tests/reference.py), on fresh random inputs with odd sizes:
-relative error max|got - fd| / max|fd| <= 1e-3 (observed: about 1e-6)."""
+relative error max|got - fd| / max|fd| <= 1e-3 (observed: about 1e-7)."""
 import numpy as np
 import pytest
 
@@ -168,7 +168,8 @@ def test_loss_and_its_gradient_match_finite_differences(rng, bce, max_term):
     t /= t.reshape(3, -1).max(axis=1)[:, None, None]
     loss, bce_value, max_value, pred, dz = _core.deepspot_loss(z, t, bce=bce, max_term=max_term)
     expected = ref.deepspot_loss(z, t, bce, max_term)
-    assert abs(loss - expected) <= 1e-6 * abs(expected)
+    # the clipped form works on p in float32 (as Keras): log(1 - p) loses digits where p is near 1
+    assert abs(loss - expected) <= (1e-6 if bce == "logits" else 1e-4) * abs(expected)
     assert abs(bce_value + max_value - loss) <= 1e-12
     assert rel_error(pred, ref.sigmoid(z.astype(np.float64))) <= 1e-6
     assert rel_error(dz, fd(lambda v: ref.deepspot_loss(v, t, bce, max_term), z)) <= REL_TOL
