@@ -165,6 +165,14 @@ static ds_status set_io(ds_op *op, int index, const float *data)
     return DS_OK;
 }
 
+/* Runs a one-input op (src -> dst): the data handles are swapped in, the primitive is reused. */
+static ds_status execute_unary(ds_op *op, const float *src, float *dst)
+{
+    DS_TRY(set_io(op, 0, src));
+    DS_TRY(set_io(op, 1, dst));
+    return execute(op);
+}
+
 /* ---- convolution and transposed convolution ---- */
 
 static ds_status conv_check(const conv_desc *d)
@@ -261,12 +269,7 @@ done:
     return rc;
 }
 
-ds_status conv_forward(ds_op *op, const float *src, float *dst)
-{
-    DS_TRY(set_io(op, 0, src));
-    DS_TRY(set_io(op, 1, dst));
-    return execute(op);
-}
+ds_status conv_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
 
 /* ---- batch norm + ReLU (inference) ---- */
 
@@ -307,12 +310,7 @@ done:
     return rc;
 }
 
-ds_status batchnorm_relu_forward(ds_op *op, const float *src, float *dst)
-{
-    DS_TRY(set_io(op, 0, src));
-    DS_TRY(set_io(op, 1, dst));
-    return execute(op);
-}
+ds_status batchnorm_relu_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
 
 /* ---- max pooling ---- */
 
@@ -354,12 +352,7 @@ done:
     return rc;
 }
 
-ds_status maxpool_forward(ds_op *op, const float *src, float *dst)
-{
-    DS_TRY(set_io(op, 0, src));
-    DS_TRY(set_io(op, 1, dst));
-    return execute(op);
-}
+ds_status maxpool_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
 
 /* ---- channel concatenation ---- */
 
