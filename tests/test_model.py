@@ -165,3 +165,22 @@ def test_bad_enhance_arguments(model):
         model.forward(np.ones((1, 16, 16, 2), np.float32))
     with pytest.raises(ValueError, match="device"):
         Model.load(device="tpu")
+
+
+def test_windowed_2048_enhancement_runs_in_bounded_memory(tmp_path):
+    """Peak memory of a fresh process enhancing a 2048x2048 image in 256 px windows stays under
+    1 GiB (a whole-image pass needs about 2.7 GiB): the activations are bounded by the window."""
+    import os
+    import subprocess
+    import sys
+    import deepspot_napari
+    script = ("import resource, numpy as np\n"
+              "from deepspot_napari import Model\n"
+              "image = np.random.default_rng(0).random((2048, 2048)).astype(np.float32)\n"
+              "Model.load().enhance(image, tile_size=256)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(deepspot_napari.__file__).parent.parent)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            check=True)
+    peak_kib = int(result.stdout.split()[-1])
+    assert peak_kib < 1024 * 1024, f"peak {peak_kib / 1024:.0f} MiB"
