@@ -68,25 +68,20 @@ def same_padding(size, stride, span):
     return total // 2, total - total // 2
 
 
-def deepspot_forward(x, params, epsilon=1e-3):
-    """The whole network (REFERENCE_MODEL section 1) in float64; x is [n, h, w, 1] scaled to [0, 1];
-    params maps the safetensors names to arrays."""
-    p = params
+def deepspot_logits(x, params, batchnorm_fn):
+    """The whole network (REFERENCE_MODEL section 1) in float64 up to the head's logits [n, h, w, 1];
+    x is [n, h, w, 1] scaled to [0, 1]; params maps the safetensors names to arrays;
+    batchnorm_fn(t, name) is the BatchNorm flavour (moving or batch statistics)."""
+    p, bn = params, batchnorm_fn
 
     def conv(t, name, stride=1, dilation=1):
         k = p[name + ".weight"].shape[2]
-        before_h, after_h = same_padding(t.shape[1], stride, (k - 1) * dilation + 1)
-        before_w, after_w = same_padding(t.shape[2], stride, (k - 1) * dilation + 1)
-        assert (before_h, after_h) == (before_w, after_w)
-        return conv2d(t, p[name + ".weight"], p[name + ".bias"], stride, dilation, before_h, after_h)
+        before, after = same_padding(t.shape[1], stride, (k - 1) * dilation + 1)
+        return conv2d(t, p[name + ".weight"], p[name + ".bias"], stride, dilation, before, after)
 
     def convt(t, name, stride):
         before, after = same_padding(t.shape[1] * stride, stride, 3)
         return conv2d_transpose(t, p[name + ".weight"], p[name + ".bias"], stride, before, after)
-
-    def bn(t, name):
-        return batchnorm(t, p[name + ".gamma"], p[name + ".beta"], p[name + ".moving_mean"],
-                         p[name + ".moving_variance"], epsilon)
 
     def pool(t):
         before, after = same_padding(t.shape[1], 2, 3)
@@ -116,9 +111,15 @@ def deepspot_forward(x, params, epsilon=1e-3):
         h = relu(bn(convt(h, f"{name}.convt2", 1), f"{name}.bn2"))
         h = bn(convt(h, f"{name}.convt3", 1), f"{name}.bn3")
         t = relu(h + bn(convt(t, f"{name}.shortcut.convt", 2), f"{name}.shortcut.bn"))
-    return sigmoid(conv(t, "head.conv"))
+    return conv(t, "head.conv")
 
 
+def deepspot_forward(x, params, epsilon=1e-3):
+    """The network at inference (BatchNorm with the moving statistics): the sigmoid map [n, h, w, 1]."""
+    def bn(t, name):
+        return batchnorm(t, params[name + ".gamma"], params[name + ".beta"], params[name + ".moving_mean"],
+                         params[name + ".moving_variance"], epsilon)
+    return sigmoid(deepspot_logits(x, params, bn))
 # ---------------------------------------------------------------- training (float64)
 
 def batchnorm_train(x, gamma, beta, epsilon=1e-3):
@@ -158,51 +159,9 @@ def deepspot_loss(logits, target, bce="logits", max_term="batch"):
 def deepspot_logits_train(x, params, epsilon=1e-3):
     """The whole network in training mode (batch statistics, dropout off) up to the head's logits;
     x [n, h, w, 1]; returns [n, h, w]."""
-    p = params
-
-    def conv(t, name, stride=1, dilation=1):
-        k = p[name + ".weight"].shape[2]
-        before, after = same_padding(t.shape[1], stride, (k - 1) * dilation + 1)
-        return conv2d(t, p[name + ".weight"], p[name + ".bias"], stride, dilation, before, after)
-
-    def convt(t, name, stride):
-        before, after = same_padding(t.shape[1] * stride, stride, 3)
-        return conv2d_transpose(t, p[name + ".weight"], p[name + ".bias"], stride, before, after)
-
     def bn(t, name):
-        return batchnorm_train(t, p[name + ".gamma"], p[name + ".beta"], epsilon)[0]
-
-    def pool(t):
-        before, after = same_padding(t.shape[1], 2, 3)
-        return maxpool(t, 3, 2, before, after)
-
-    paths = []
-    for path in ("strided", "maxpool", "atrous"):
-        t = x
-        for i in (1, 2, 3):
-            name = f"caso.{path}"
-            if path == "strided":
-                t = relu(bn(conv(t, f"{name}.conv{i}", stride=2), f"{name}.bn{i}"))
-            else:
-                t = pool(relu(bn(conv(t, f"{name}.conv{i}", dilation=2 if path == "atrous" else 1), f"{name}.bn{i}")))
-        paths.append(t)
-    t = np.concatenate(paths, axis=3)
-    for b in range(1, 14):
-        name = f"trunk.block{b:02d}"
-        h = t
-        for i in (1, 2, 3):
-            h = conv(relu(bn(h, f"{name}.bn{i}")), f"{name}.conv{i}")
-        shortcut = bn(conv(t, f"{name}.shortcut.conv"), f"{name}.shortcut.bn") if b == 1 else t
-        t = h + shortcut
-    for j in (1, 2, 3):
-        name = f"decoder.up{j}"
-        h = relu(bn(convt(t, f"{name}.convt1", 2), f"{name}.bn1"))
-        h = relu(bn(convt(h, f"{name}.convt2", 1), f"{name}.bn2"))
-        h = bn(convt(h, f"{name}.convt3", 1), f"{name}.bn3")
-        t = relu(h + bn(convt(t, f"{name}.shortcut.convt", 2), f"{name}.shortcut.bn"))
-    return conv(t, "head.conv")[..., 0]
-
-
+        return batchnorm_train(t, params[name + ".gamma"], params[name + ".beta"], epsilon)[0]
+    return deepspot_logits(x, params, bn)[..., 0]
 def numerical_gradient(f, x, eps=1e-6):
     """Central differences of the scalar f at every element of the float64 array x."""
     x = np.array(x, np.float64)
