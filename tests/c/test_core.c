@@ -7,20 +7,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "model.h"
 #include "safetensors.h"
-
-static int failures;
-
-#define CHECK(cond, ...)                                  \
-    do {                                                  \
-        if (!(cond)) {                                    \
-            failures++;                                   \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-            fprintf(stderr, __VA_ARGS__);                 \
-            fprintf(stderr, "\n");                        \
-        }                                                 \
-    } while (0)
 
 /* Builds a safetensors buffer from a header string and `data_len` bytes of data. */
 static uint8_t *make_file(const char *header, size_t data_len, size_t *nbytes)
@@ -133,8 +122,8 @@ int main(int argc, char **argv)
     }
     test_safetensors_parser();
     test_model(argv[1]);
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
+    if (check_failures) {
+        fprintf(stderr, "%d check(s) failed\n", check_failures);
         return 1;
     }
     printf("test_core: all checks passed\n");
