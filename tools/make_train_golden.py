@@ -51,21 +51,13 @@ import numpy as np  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+from make_golden import load_safetensors_np  # noqa: E402
 
 LEARNING_RATE = 1e-4
 SIZE = 64
 BATCH = 2
 SEED = 20240611
-
-
-def load_safetensors_np(path: Path) -> dict[str, np.ndarray]:
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    header.pop("__metadata__", None)
-    base = 8 + n
-    return {k: np.frombuffer(raw[base + v["data_offsets"][0]: base + v["data_offsets"][1]], "<f4").reshape(v["shape"])
-            for k, v in header.items()}
 
 
 def make_batch():
