@@ -38,7 +38,7 @@ from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .detect import DEFAULT_DETECTION, METHODS, SUBPIXEL_MODES, DetectionParams, detect_spots
 from .io import write_bytes
-from .model import BUNDLED_WEIGHTS, Cancelled, Model, bundled_weights_path
+from .model import BUNDLED_WEIGHTS, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_weights_path
 from ._reader_writer import points_layer_kwargs
 
 
@@ -479,7 +479,7 @@ class EnhanceWidget(Container):
         self.holder = current_model(napari_viewer)
         self.image = _layer_combo(napari_viewer, Image, "image", raw_only=True)
         self.model_panel = ModelPanel(self.holder)
-        self.tile_size = SpinBox(label="tile size", value=512, min=128, max=8192, step=16,
+        self.tile_size = SpinBox(label="tile size", value=DEFAULT_TILE_SIZE, min=128, max=8192, step=16,
                                  tooltip="planes larger than this are processed in tiles (same result, bounded memory)")
         self.in_view = CheckBox(text="Enhance plane in view (on demand, cached)", value=False)
         self.run_button = PushButton(text="Enhance all planes")

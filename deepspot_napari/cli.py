@@ -311,6 +311,7 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import DEFAULT_TILE_SIZE
     parser = argparse.ArgumentParser(
         prog="deepspot", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="DeepSpot: enhance every RNA spot of smFISH images to the same intensity with a CNN, then find "
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--weights", help="a .safetensors model (default: the bundled published model)")
             p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                            help="where the network runs (default: auto = the GPU when one works)")
-            p.add_argument("--tile-size", type=int, default=512,
+            p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
                            help="window side in pixels for large images; results equal a whole-image pass")
 
     def batch(p, enhanced_output=True):

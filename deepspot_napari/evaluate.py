@@ -38,6 +38,7 @@ import numpy as np
 
 from . import metrics
 from .detect import DEFAULT_DETECTION, DetectionParams, detect_spots
+from .model import DEFAULT_TILE_SIZE
 from .io import IMAGE_SUFFIXES, atomic_write, read_image, write_bytes
 from .simulate import paper_test_sets, read_spots_csv, simulate_image
 
@@ -357,7 +358,7 @@ class Results:
 
 def run_evaluation(datasets: Sequence[Dataset], methods: Sequence[Method], model=None,
                    progress: Callable[[int, int], None] | None = None, notes: Sequence[str] = (),
-                   tile_size: int | None = 512) -> Results:
+                   tile_size: int | None = DEFAULT_TILE_SIZE) -> Results:
     """Scores every method on every image; the image is enhanced once (by `model`, with
     `tile_size`) for all the methods that need it, and nothing but the per-image numbers is kept."""
     if not methods:

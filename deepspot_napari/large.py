@@ -34,7 +34,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
-from .model import DECODER_HALO_CELLS, ENCODER_HALO_PX, SIZE_MULTIPLE, TRUNK_HALO_CELLS, Cancelled
+from .model import (DECODER_HALO_CELLS, DEFAULT_BATCH_SIZE, DEFAULT_TILE_SIZE, ENCODER_HALO_PX, SIZE_MULTIPLE,
+                    TRUNK_HALO_CELLS, Cancelled)
 
 RECEPTIVE_FIELD_PX = ENCODER_HALO_PX + (TRUNK_HALO_CELLS + DECODER_HALO_CELLS) * SIZE_MULTIPLE  # 192
 HALO_PX = 256
@@ -180,8 +181,8 @@ class BlockSpec:
     return_core: bool = False            # return the enhanced core (for a target on the client)
     halo: int = HALO_PX
     margin: int = 0
-    tile_size: int | None = 512
-    batch_size: int = 4
+    tile_size: int | None = DEFAULT_TILE_SIZE
+    batch_size: int = DEFAULT_BATCH_SIZE
     cancel: Callable[[], bool] | None = field(default=None, repr=False)
 
     def for_workers(self) -> "BlockSpec":
@@ -364,8 +365,8 @@ def check_extrema(high: np.ndarray, low: np.ndarray) -> None:
 
 
 def run_blocks(source, *, model=None, enhance: bool = True, target=None, detection: DetectionParams | None = None,
-               raw=None, block_size: int = DEFAULT_BLOCK_SIZE, halo: int = HALO_PX, tile_size: int | None = 512,
-               batch_size: int = 4, mapper: Mapper | None = None, source_ref=None, raw_ref=None, target_ref=None,
+               raw=None, block_size: int = DEFAULT_BLOCK_SIZE, halo: int = HALO_PX, tile_size: int | None = DEFAULT_TILE_SIZE,
+               batch_size: int = DEFAULT_BATCH_SIZE, mapper: Mapper | None = None, source_ref=None, raw_ref=None, target_ref=None,
                weights: str | None = None, device: str = "auto",
                progress: Callable[[int, int], None] | None = None,
                cancel: Callable[[], bool] | None = None) -> Spots | None:
@@ -416,7 +417,7 @@ def run_blocks(source, *, model=None, enhance: bool = True, target=None, detecti
 
 
 def enhance_blocks(model, source, target=None, block_size: int = DEFAULT_BLOCK_SIZE, progress=None, cancel=None, *,
-                   halo: int = HALO_PX, tile_size: int | None = 512, batch_size: int = 4):
+                   halo: int = HALO_PX, tile_size: int | None = DEFAULT_TILE_SIZE, batch_size: int = DEFAULT_BATCH_SIZE):
     """Enhances `source` (a path, an ImageSource or an array of any size; 2D or a stack) block by
     block into `target` (an array of the source's full shape, e.g. a Zarr array from
     io.create_zarr; None: a new NumPy array). Equals model.enhance(whole image). Returns target."""
@@ -440,7 +441,7 @@ def detect_blocks(enhanced, raw=None, block_size: int = DEFAULT_BLOCK_SIZE, prog
 
 
 def enhance_detect_blocks(model, source, target=None, block_size: int = DEFAULT_BLOCK_SIZE, progress=None,
-                          cancel=None, *, halo: int = HALO_PX, tile_size: int | None = 512, batch_size: int = 4,
+                          cancel=None, *, halo: int = HALO_PX, tile_size: int | None = DEFAULT_TILE_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
                           params: DetectionParams = DEFAULT_DETECTION, **overrides) -> Spots:
     """Enhances and detects in one pass over the blocks (the enhanced image is written into
     `target` when given, else not kept): equals model.detect(image) for the peak detector, up to
@@ -463,8 +464,8 @@ class FileJob:
     targets: dict[str, str]
     enhance: bool = True
     detect: bool = True
-    tile_size: int | None = 512
-    batch_size: int = 4
+    tile_size: int | None = DEFAULT_TILE_SIZE
+    batch_size: int = DEFAULT_BATCH_SIZE
     detection: dict = field(default_factory=dict)  # overrides of DEFAULT_DETECTION
     block_size: int | None = None  # None: blocks only for Zarr inputs and images over LARGE_IMAGE_PIXELS
     halo: int = HALO_PX
