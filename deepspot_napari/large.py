@@ -365,7 +365,8 @@ def check_extrema(high: np.ndarray, low: np.ndarray) -> None:
 
 
 def run_blocks(source, *, model=None, enhance: bool = True, target=None, detection: DetectionParams | None = None,
-               raw=None, block_size: int = DEFAULT_BLOCK_SIZE, halo: int = HALO_PX, tile_size: int | None = DEFAULT_TILE_SIZE,
+               raw=None, block_size: int = DEFAULT_BLOCK_SIZE, halo: int = HALO_PX,
+               tile_size: int | None = DEFAULT_TILE_SIZE,
                batch_size: int = DEFAULT_BATCH_SIZE, mapper: Mapper | None = None, source_ref=None, raw_ref=None, target_ref=None,
                weights: str | None = None, device: str = "auto",
                progress: Callable[[int, int], None] | None = None,

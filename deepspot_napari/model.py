@@ -139,7 +139,8 @@ class Model:
                 self.path = best
         return history
 
-    def enhance(self, image, *, tile_size: int | None = DEFAULT_TILE_SIZE, batch_size: int = DEFAULT_BATCH_SIZE, max_value: float | None = None,
+    def enhance(self, image, *, tile_size: int | None = DEFAULT_TILE_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,
+                max_value: float | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> np.ndarray:
         """Enhances a 2D image (Y, X) or a stack (..., Y, X) of any integer or float dtype and any size.
