@@ -653,15 +653,24 @@ static ds_status check_step_inputs(const float *images, const float *targets, si
     return check_finite(targets, n, "the targets");
 }
 
+/* The part every training call shares: checked inputs, the graph for this shape, the forward in
+ * training mode (batch statistics, dropout) and its loss. */
+static ds_status training_forward(ds_trainer *tr, int batch, int height, int width, const float *images,
+                                  const float *targets, graph **g, ds_loss_value *value)
+{
+    size_t n = (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0);
+    DS_TRY(check_step_inputs(images, targets, n));
+    DS_TRY(get_graph(tr, batch, height, width, 1, g));
+    DS_TRY(copy_inputs(tr, *g, images, targets));
+    return forward(tr, *g, value, NULL);
+}
+
 ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int width, const float *images,
                                     const float *targets, ds_loss_value *loss)
 {
-    DS_TRY(check_step_inputs(images, targets, (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0)));
     graph *g = NULL;
-    DS_TRY(get_graph(tr, batch, height, width, 1, &g));
     ds_loss_value value;
-    DS_TRY(copy_inputs(tr, g, images, targets));
-    DS_TRY(forward(tr, g, &value, NULL));
+    DS_TRY(training_forward(tr, batch, height, width, images, targets, &g, &value));
     DS_TRY(backward(tr, g));
     if (!isfinite(value.loss))
         return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g)", value.loss);
@@ -673,12 +682,9 @@ ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int w
 ds_status trainer_step(ds_trainer *tr, int batch, int height, int width, const float *images, const float *targets,
                        ds_loss_value *loss)
 {
-    DS_TRY(check_step_inputs(images, targets, (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0)));
     graph *g = NULL;
-    DS_TRY(get_graph(tr, batch, height, width, 1, &g));
     ds_loss_value value;
-    DS_TRY(copy_inputs(tr, g, images, targets));
-    DS_TRY(forward(tr, g, &value, NULL));
+    DS_TRY(training_forward(tr, batch, height, width, images, targets, &g, &value));
     if (!isfinite(value.loss))
         return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g): no update made", value.loss);
     /* Keras updates the moving statistics in the forward; here only once the loss is known to be
