@@ -1,6 +1,7 @@
-/* kernels.c - the plain C kernels of training (declared in ops.h): element-wise ops, spatial
- * dropout, the DeepSpot loss and the Adam update. Loops are written to vectorise (-O3) and the
- * large ones are split over threads with OpenMP (the libgomp that oneDNN already uses). */
+/* kernels.c - the CPU kernels of ops.h (kernels_cuda.cu is their GPU twin): element-wise ops,
+ * spatial dropout, the DeepSpot loss, the Adam update and the BN moving statistics. Backend memory
+ * is host memory here, so the backend argument is unused. Loops are written to vectorise (-O3) and
+ * the large ones are split over threads with OpenMP (the libgomp that oneDNN already uses). */
 #include "ops.h"
 
 #include <math.h>
@@ -8,21 +9,32 @@
 
 #define PARALLEL_MIN 65536 /* below this many values a loop stays on one thread */
 
-void add_forward(float *dst, const float *a, const float *b, size_t n)
+ds_status add_forward(ds_backend *backend, float *dst, const float *a, const float *b, size_t n)
 {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < n; i++)
         dst[i] = a[i] + b[i];
+    return DS_OK;
 }
 
-void add_inplace(float *dst, const float *src, size_t n)
+ds_status add_inplace(ds_backend *backend, float *dst, const float *src, size_t n)
 {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < n; i++)
         dst[i] += src[i];
+    return DS_OK;
 }
 
-void relu_backward(float *dsrc, const float *ddst, const float *dst, size_t n, int accumulate)
+ds_status relu_inplace(ds_backend *backend, float *x, size_t n)
+{
+#pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
+    for (size_t i = 0; i < n; i++)
+        x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    return DS_OK;
+}
+
+ds_status relu_backward(ds_backend *backend, float *dsrc, const float *ddst, const float *dst, size_t n,
+                        int accumulate)
 {
     if (accumulate) {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
@@ -33,9 +45,11 @@ void relu_backward(float *dsrc, const float *ddst, const float *dst, size_t n, i
         for (size_t i = 0; i < n; i++)
             dsrc[i] = dst[i] > 0.0f ? ddst[i] : 0.0f;
     }
+    return DS_OK;
 }
 
-void concat_backward(float *const *dsrcs, const float *ddst, size_t pixels, int n_inputs, const int *channels)
+ds_status concat_backward(ds_backend *backend, float *const *dsrcs, const float *ddst, size_t pixels, int n_inputs,
+                          const int *channels)
 {
     int total = 0;
     for (int k = 0; k < n_inputs; k++)
@@ -50,6 +64,7 @@ void concat_backward(float *const *dsrcs, const float *ddst, size_t pixels, int 
             row += channels[k];
         }
     }
+    return DS_OK;
 }
 
 /* ---- spatial dropout ---- */
@@ -62,7 +77,8 @@ static uint64_t splitmix64(uint64_t x)
     return x ^ (x >> 31);
 }
 
-void dropout_mask(float *mask, int batch, int channels, float rate, unsigned long long seed, unsigned long long stream)
+ds_status dropout_mask(ds_backend *backend, float *mask, int batch, int channels, float rate,
+                       unsigned long long seed, unsigned long long stream)
 {
     float keep_scale = rate > 0.0f ? 1.0f / (1.0f - rate) : 1.0f;
     uint64_t base = splitmix64(splitmix64((uint64_t)seed) ^ (uint64_t)stream);
@@ -71,9 +87,11 @@ void dropout_mask(float *mask, int batch, int channels, float rate, unsigned lon
         double u = (double)(splitmix64(base + (uint64_t)i) >> 40) * (1.0 / 16777216.0);
         mask[i] = rate > 0.0f && u < rate ? 0.0f : keep_scale;
     }
+    return DS_OK;
 }
 
-void spatial_dropout_forward(float *dst, const float *src, const float *mask, int batch, size_t pixels, int channels)
+ds_status spatial_dropout_forward(ds_backend *backend, float *dst, const float *src, const float *mask, int batch,
+                                  size_t pixels, int channels)
 {
     for (int b = 0; b < batch; b++) {
         const float *m = mask + (size_t)b * channels;
@@ -87,6 +105,7 @@ void spatial_dropout_forward(float *dst, const float *src, const float *mask, in
                 d[c] = s[c] * m[c];
         }
     }
+    return DS_OK;
 }
 
 /* ---- loss ---- */
@@ -101,8 +120,8 @@ static inline float sigmoidf(float z)
 
 #define BCE_EPSILON 1e-7f /* Keras backend.epsilon() */
 
-double deepspot_loss(float *pred, float *dlogits, double terms[2], const float *logits, const float *target,
-                     int batch, size_t pixels, int bce_mode, int max_mode)
+ds_status deepspot_loss(ds_backend *backend, double *terms, float *pred, float *dlogits, const float *logits,
+                        const float *target, int batch, size_t pixels, int bce_mode, int max_mode)
 {
     size_t n = (size_t)batch * pixels;
     double bce = 0.0, inv_n = 1.0 / (double)n;
@@ -160,18 +179,21 @@ double deepspot_loss(float *pred, float *dlogits, double terms[2], const float *
             }
         }
     }
-    if (terms) {
-        terms[0] = bce;
-        terms[1] = max_term;
-    }
-    return bce + max_term;
+    terms[0] = bce + max_term;
+    terms[1] = bce;
+    terms[2] = max_term;
+    return DS_OK;
 }
 
 /* ---- Adam (Keras) ---- */
 
-void adam_update(float *param, float *m, float *v, const float *grad, size_t n, float lr, double beta1, double beta2,
-                 float epsilon, long step)
+static int guard_passes(const double *guard) { return !guard || isfinite(*guard); }
+
+ds_status adam_update(ds_backend *backend, float *param, float *m, float *v, const float *grad, size_t n, float lr,
+                      double beta1, double beta2, float epsilon, long step, const double *guard)
 {
+    if (!guard_passes(guard))
+        return DS_OK;
     float t = (float)step;
     float b1t = powf((float)beta1, t), b2t = powf((float)beta2, t);
     float alpha = lr * sqrtf(1.0f - b2t) / (1.0f - b1t);
@@ -185,4 +207,20 @@ void adam_update(float *param, float *m, float *v, const float *grad, size_t n, 
         v[i] = vi;
         param[i] -= mi * alpha / (sqrtf(vi) + epsilon);
     }
+    return DS_OK;
+}
+
+ds_status moving_statistics_update(ds_backend *backend, float *moving_mean, float *moving_variance, const float *mean,
+                                   const float *variance, int channels, double momentum, float variance_correction,
+                                   const double *guard)
+{
+    if (!guard_passes(guard))
+        return DS_OK;
+    /* both factors rounded from the double momentum, as Keras does */
+    float keep = (float)momentum, rest = (float)(1.0 - momentum);
+    for (int c = 0; c < channels; c++) {
+        moving_mean[c] = moving_mean[c] * keep + mean[c] * rest;
+        moving_variance[c] = moving_variance[c] * keep + variance[c] * variance_correction * rest;
+    }
+    return DS_OK;
 }

@@ -163,7 +163,8 @@ struct ds_model {
     ds_backend *backend;
     plan *plans[PLAN_CACHE];
     unsigned long clock;
-    float *arena; /* activations of whichever plan runs: plans never run concurrently */
+    int math_mode;
+    float *arena; /* backend memory: activations of whichever plan runs (plans never run concurrently) */
     size_t arena_floats;
 };
 
@@ -426,7 +427,7 @@ static ds_status plan_create(plan **out, ds_model *m, int first_stage, int last_
 
 static float *tensor_data(const plan *pl, float *arena, int id) { return arena + pl->tensors[id].offset; }
 
-static ds_status plan_execute(plan *pl, float *arena, ds_backend *be)
+static ds_status plan_execute(plan *pl, float *arena)
 {
     for (int i = 0; i < pl->n_steps; i++) {
         plan_step *s = &pl->steps[i];
@@ -451,16 +452,17 @@ static ds_status plan_execute(plan *pl, float *arena, ds_backend *be)
         }
         }
     }
-    return backend_synchronize(be);
+    return DS_OK;
 }
 
 /* ---------------------------------------------------------------- model */
 
-ds_status model_load(ds_model **out, const char *weights_path)
+ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
     if (!m)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
+    m->math_mode = math_mode;
     ds_status rc = st_read(&m->file, weights_path);
     param_table table;
     params_table(&m->params, &table);
@@ -514,7 +516,7 @@ ds_status model_load(ds_model **out, const char *weights_path)
         }
     }
     if (rc == DS_OK)
-        rc = backend_create(&m->backend);
+        rc = backend_create(&m->backend, math_mode);
     /* The file's bytes are no longer needed once copied into the arena. */
     st_free(&m->file);
     if (rc != DS_OK) {
@@ -531,14 +533,16 @@ void model_free(ds_model *m)
         return;
     for (int i = 0; i < PLAN_CACHE; i++)
         plan_free(m->plans[i]);
+    backend_free(m->backend, m->arena);
     backend_destroy(m->backend);
-    free(m->arena);
     free(m->param_arena);
     st_free(&m->file);
     free(m);
 }
 
 size_t model_num_parameters(const ds_model *m) { return m->n_params; }
+
+int model_math_mode(const ds_model *m) { return m->math_mode; }
 
 const model_params *model_parameters(const ds_model *m) { return &m->params; }
 
@@ -593,17 +597,19 @@ ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int
     plan *pl;
     DS_TRY(get_plan(m, first_stage, last_stage, batch, height, width, &pl));
     if (pl->arena_floats > m->arena_floats) {
-        free(m->arena);
-        m->arena = aligned_alloc(64, pl->arena_floats * sizeof(float));
-        m->arena_floats = m->arena ? pl->arena_floats : 0;
-        if (!m->arena)
+        backend_free(m->backend, m->arena);
+        m->arena = NULL;
+        m->arena_floats = 0;
+        if (backend_alloc(m->backend, (void **)&m->arena, pl->arena_floats * sizeof(float)) != DS_OK)
             return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations for a batch of %d at %dx%d",
                            pl->arena_floats * sizeof(float) >> 20, batch, height, width);
+        m->arena_floats = pl->arena_floats;
     }
-    memcpy(tensor_data(pl, m->arena, PLAN_INPUT), input, (size_t)batch * height * width * in_c * sizeof(float));
-    DS_TRY(plan_execute(pl, m->arena, m->backend));
-    memcpy(output, tensor_data(pl, m->arena, pl->output), (size_t)batch * out_h * out_w * out_c * sizeof(float));
-    return DS_OK;
+    DS_TRY(backend_upload(m->backend, tensor_data(pl, m->arena, PLAN_INPUT), input,
+                          (size_t)batch * height * width * in_c * sizeof(float)));
+    DS_TRY(plan_execute(pl, m->arena));
+    return backend_download(m->backend, output, tensor_data(pl, m->arena, pl->output),
+                            (size_t)batch * out_h * out_w * out_c * sizeof(float));
 }
 
 ds_status model_forward(ds_model *m, int batch, int height, int width, const float *input, float *output)
@@ -656,7 +662,7 @@ void model_params_bind(model_params *p, float *arena)
     free(t);
 }
 
-ds_status model_from_parameters(ds_model **out, const model_params *src)
+ds_status model_from_parameters(ds_model **out, const model_params *src, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
     param_table *table = malloc(sizeof *table), *src_table = malloc(sizeof *src_table);
@@ -686,8 +692,10 @@ ds_status model_from_parameters(ds_model **out, const model_params *src)
                 rc = ds_fail(DS_ERR_VALUE, "parameter '%s' holds NaN or Inf values", table->entries[i].name);
         offset += count;
     }
-    if (rc == DS_OK)
-        rc = backend_create(&m->backend);
+    if (rc == DS_OK) {
+        m->math_mode = math_mode;
+        rc = backend_create(&m->backend, math_mode);
+    }
 done:
     free(table);
     free(src_table);

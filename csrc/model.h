@@ -1,9 +1,11 @@
 /* model.h - the DeepSpot network (REFERENCE_MODEL.md section 1): its parameters, loaded from a
- * safetensors file into one arena, and its inference forward pass on the ops.h backend. */
+ * safetensors file into one host arena, and its inference forward pass on the ops.h backend
+ * (whichever this file is compiled with). Inputs and outputs are host memory. */
 #ifndef DS_MODEL_H
 #define DS_MODEL_H
 
 #include <stddef.h>
+#include "ops.h"
 #include "status.h"
 
 #define DS_BN_EPSILON 1e-3f
@@ -45,9 +47,11 @@ typedef struct {
 
 typedef struct ds_model ds_model;
 
-ds_status model_load(ds_model **model, const char *weights_path);
+/* math_mode: DS_MATH_FLOAT32 or DS_MATH_TF32 (ops.h; GPU only). */
+ds_status model_load(ds_model **model, const char *weights_path, int math_mode);
 void model_free(ds_model *model);
 size_t model_num_parameters(const ds_model *model);
+int model_math_mode(const ds_model *model);
 const model_params *model_parameters(const ds_model *model);
 
 /* The network in three stages, so that large images can be tiled stage by stage with exact
@@ -92,7 +96,7 @@ void model_param_table(model_params *p, ds_param_table *table);
 size_t model_param_floats(void);
 /* Points every tensor of p into arena (model_param_floats() floats), in table order. */
 void model_params_bind(model_params *p, float *arena);
-/* An inference model from parameters in memory (copied; p's pointers must all be set). */
-ds_status model_from_parameters(ds_model **model, const model_params *p);
+/* An inference model from parameters in host memory (copied; p's pointers must all be set). */
+ds_status model_from_parameters(ds_model **model, const model_params *p, int math_mode);
 
 #endif

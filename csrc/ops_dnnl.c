@@ -5,6 +5,7 @@
  * model can address them as offsets into one arena. */
 #include "ops.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -36,8 +37,12 @@ struct ds_op {
             return ds_fail(DS_ERR_BACKEND, "oneDNN: %s failed (status %d)", what, (int)dnnl_rc_);     \
     } while (0)
 
-ds_status backend_create(ds_backend **backend)
+ds_status backend_create(ds_backend **backend, int math_mode)
 {
+    if (math_mode == DS_MATH_TF32)
+        return ds_fail(DS_ERR_VALUE, "TF32 convolutions need the GPU (CUDA) backend; the CPU computes in float32");
+    if (math_mode != DS_MATH_FLOAT32)
+        return ds_fail(DS_ERR_VALUE, "unknown math mode %d", math_mode);
     ds_backend *b = calloc(1, sizeof *b);
     if (!b)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
@@ -66,6 +71,58 @@ void backend_destroy(ds_backend *backend)
 ds_status backend_synchronize(ds_backend *backend)
 {
     DNNL_TRY(dnnl_stream_wait(backend->stream), "stream wait");
+    return DS_OK;
+}
+
+ds_status backend_probe(char *description, size_t size)
+{
+    const dnnl_version_t *v = dnnl_version();
+    snprintf(description, size, "CPU, oneDNN %d.%d.%d", v->major, v->minor, v->patch);
+    return DS_OK;
+}
+
+/* ---- backend memory: host memory, since the CPU ops read and write it directly ---- */
+
+#define BACKEND_ALIGNMENT 64
+
+ds_status backend_alloc(ds_backend *backend, void **memory, size_t bytes)
+{
+    size_t rounded = (bytes + BACKEND_ALIGNMENT - 1) / BACKEND_ALIGNMENT * BACKEND_ALIGNMENT;
+    *memory = aligned_alloc(BACKEND_ALIGNMENT, rounded ? rounded : BACKEND_ALIGNMENT);
+    if (!*memory)
+        return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB requested", bytes >> 20);
+    memset(*memory, 0, rounded);
+    return DS_OK;
+}
+
+void backend_free(ds_backend *backend, void *memory) { free(memory); }
+
+ds_status backend_upload(ds_backend *backend, void *dst, const void *host_src, size_t bytes)
+{
+    if (bytes)
+        memcpy(dst, host_src, bytes);
+    return DS_OK;
+}
+
+ds_status backend_download(ds_backend *backend, void *host_dst, const void *src, size_t bytes)
+{
+    DS_TRY(backend_synchronize(backend));
+    if (bytes)
+        memcpy(host_dst, src, bytes);
+    return DS_OK;
+}
+
+ds_status backend_copy(ds_backend *backend, void *dst, const void *src, size_t bytes)
+{
+    if (bytes)
+        memmove(dst, src, bytes);
+    return DS_OK;
+}
+
+ds_status backend_zero(ds_backend *backend, void *dst, size_t bytes)
+{
+    if (bytes)
+        memset(dst, 0, bytes);
     return DS_OK;
 }
 
@@ -753,8 +810,9 @@ ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, floa
     return step_run(op, &op->fwd);
 }
 
-ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, const float *ddst,
-                             const float *src, const float *mean, const float *variance, const float *gamma)
+ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, float *ddst,
+                             const float *src, const float *mean, const float *variance, const float *gamma,
+                             const float *beta)
 {
     if (!op->training)
         return ds_fail(DS_ERR_VALUE, "batch norm backward: the op was built for inference");

@@ -1,6 +1,18 @@
-/* pymodule.c - CPython glue for the C core (module deepspot_napari._core): argument checking,
- * NumPy array conversion, releasing the GIL around compute, and turning ds_status codes into
- * Python exceptions. No numerics live here. */
+/* pymodule.c - CPython glue for the C core: argument checking, NumPy array conversion, copies
+ * between NumPy arrays and backend memory, releasing the GIL around compute, and turning ds_status
+ * codes into Python exceptions. No numerics live here. Compiled once per backend, with the same
+ * Python API: DS_MODULE _core with DS_BACKEND_NAME "cpu" (oneDNN), _core_cuda with "cuda" (cuDNN). */
+#ifndef DS_MODULE
+#define DS_MODULE _core
+#define DS_BACKEND_NAME "cpu"
+#endif
+#define DS_STRINGIFY_(x) #x
+#define DS_STRINGIFY(x) DS_STRINGIFY_(x)
+#define DS_PASTE_(a, b) a##b
+#define DS_PASTE(a, b) DS_PASTE_(a, b)
+#define DS_MODULE_NAME DS_STRINGIFY(DS_MODULE)
+#define DS_QUALIFIED(type) "deepspot_napari." DS_MODULE_NAME "." type
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -9,6 +21,7 @@
 #include "model.h"
 #include "detect.h"
 #include "ops.h"
+#include "train.h"
 
 static PyObject *raise_status(ds_status rc)
 {
@@ -49,16 +62,26 @@ typedef struct {
     ds_model *model;
 } NetworkObject;
 
+static const char *const math_names[] = {"float32", "tf32"};
+
+static int parse_mode(const char *value, const char *what, const char *const *names, int count, int *mode);
+
 static int Network_init(NetworkObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"weights_path", NULL};
+    static char *keywords[] = {"weights_path", "math", NULL};
     PyObject *path_obj;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&", keywords, PyUnicode_FSConverter, &path_obj))
+    const char *math = "float32";
+    int math_mode;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&|$s", keywords, PyUnicode_FSConverter, &path_obj, &math))
         return -1;
+    if (parse_mode(math, "math", math_names, 2, &math_mode) < 0) {
+        Py_DECREF(path_obj);
+        return -1;
+    }
     ds_model *model = NULL;
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = model_load(&model, PyBytes_AS_STRING(path_obj));
+    rc = model_load(&model, PyBytes_AS_STRING(path_obj), math_mode);
     Py_END_ALLOW_THREADS
     Py_DECREF(path_obj);
     if (rc != DS_OK) {
@@ -125,6 +148,13 @@ static PyObject *Network_num_parameters(NetworkObject *self, void *closure)
     return PyLong_FromSize_t(model_num_parameters(self->model));
 }
 
+static PyObject *Network_math(NetworkObject *self, void *closure)
+{
+    if (!self->model)
+        return PyErr_Format(PyExc_RuntimeError, "network is not loaded");
+    return PyUnicode_FromString(math_names[model_math_mode(self->model)]);
+}
+
 static PyMethodDef Network_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Network_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(x, first_stage=0, last_stage=2) -> y: NHWC float32 arrays. Stages: 0 encoder (1 channel scaled "
@@ -135,13 +165,16 @@ static PyMethodDef Network_methods[] = {
 
 static PyGetSetDef Network_getset[] = {
     {"num_parameters", (getter)Network_num_parameters, NULL, "number of float32 values in the weights", NULL},
+    {"math", (getter)Network_math, NULL, "'float32', or 'tf32' (TF32 tensor-core convolutions, GPU only)", NULL},
     {NULL},
 };
 
 static PyTypeObject NetworkType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "deepspot_napari._core.Network",
-    .tp_doc = "Network(weights_path): the DeepSpot network loaded from a safetensors file (CPU, oneDNN).",
+    .tp_name = DS_QUALIFIED("Network"),
+    .tp_doc = "Network(weights_path, *, math='float32'): the DeepSpot network loaded from a safetensors file, on "
+              "this module's backend (" DS_BACKEND_NAME "). math='tf32' (GPU only) lets convolutions round their "
+              "inputs to TF32 on tensor cores.",
     .tp_basicsize = sizeof(NetworkObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -161,20 +194,80 @@ static ds_backend *shared_backend;
 static ds_status get_backend(ds_backend **backend)
 {
     if (!shared_backend)
-        DS_TRY(backend_create(&shared_backend));
+        DS_TRY(backend_create(&shared_backend, DS_MATH_FLOAT32));
     *backend = shared_backend;
     return DS_OK;
 }
 
+/* The arrays of one single-op call staged in backend memory: inputs uploaded, outputs downloaded
+ * at the end. Runs without the GIL (the arrays are owned by the caller for the whole call). */
+#define STAGED_MAX 12
+enum { STAGE_IN = 1, STAGE_OUT = 2, STAGE_INOUT = 3 };
 
-/* Runs a built op on (src -> dst), releasing the GIL; consumes op. */
+typedef struct {
+    ds_backend *backend;
+    ds_status rc; /* the first failure; later staging and finishing do nothing but clean up */
+    int count;
+    PyArrayObject *arrays[STAGED_MAX];
+    void *memory[STAGED_MAX];
+    int mode[STAGED_MAX];
+} staging;
+
+static void staging_begin(staging *s)
+{
+    *s = (staging){.rc = DS_OK};
+    s->rc = get_backend(&s->backend);
+}
+
+/* Backend memory holding `a` (uploaded for STAGE_IN); NULL if `a` is NULL or staging has failed. */
+static void *stage(staging *s, PyArrayObject *a, int mode)
+{
+    if (!a || s->rc != DS_OK)
+        return NULL;
+    if (s->count == STAGED_MAX) {
+        s->rc = ds_fail(DS_ERR_VALUE, "too many arrays for one op");
+        return NULL;
+    }
+    void *memory = NULL;
+    size_t bytes = (size_t)PyArray_NBYTES(a);
+    s->rc = backend_alloc(s->backend, &memory, bytes);
+    if (s->rc == DS_OK && (mode & STAGE_IN))
+        s->rc = backend_upload(s->backend, memory, PyArray_DATA(a), bytes);
+    if (memory) {
+        s->arrays[s->count] = a;
+        s->memory[s->count] = memory;
+        s->mode[s->count++] = mode;
+    }
+    return s->rc == DS_OK ? memory : NULL;
+}
+
+/* Downloads the outputs if everything so far succeeded (rc: the op's status), frees the staging; returns the
+ * first failure. */
+static ds_status staging_finish(staging *s, ds_status rc)
+{
+    if (s->rc == DS_OK)
+        s->rc = rc;
+    for (int i = 0; i < s->count; i++) {
+        if (s->rc == DS_OK && (s->mode[i] & STAGE_OUT))
+            s->rc = backend_download(s->backend, PyArray_DATA(s->arrays[i]), s->memory[i],
+                                     (size_t)PyArray_NBYTES(s->arrays[i]));
+        backend_free(s->backend, s->memory[i]);
+    }
+    return s->rc;
+}
+
+/* Runs a built op on (src -> dst), releasing the GIL; consumes op. dst is also read (accumulation). */
 typedef ds_status (*unary_forward)(ds_op *, const float *, float *);
 
 static PyObject *run_unary(ds_status rc, ds_op *op, unary_forward forward, PyArrayObject *src, PyArrayObject *dst)
 {
     if (rc == DS_OK) {
         Py_BEGIN_ALLOW_THREADS
-        rc = forward(op, PyArray_DATA(src), PyArray_DATA(dst));
+        staging st;
+        staging_begin(&st);
+        const float *src_memory = stage(&st, src, STAGE_IN);
+        float *dst_memory = stage(&st, dst, STAGE_INOUT);
+        rc = staging_finish(&st, st.rc == DS_OK ? forward(op, src_memory, dst_memory) : st.rc);
         op_destroy(op);
         Py_END_ALLOW_THREADS
     }
@@ -355,11 +448,14 @@ static PyObject *py_concat(PyObject *self, PyObject *arg)
     if (rc == DS_OK)
         rc = concat_forward_create(&op, backend, (int)d0[0], (int)d0[1], (int)d0[2], (int)n, channels);
     if (rc == DS_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        staging st;
+        staging_begin(&st);
         const float *srcs[CONCAT_MAX_INPUTS];
         for (Py_ssize_t i = 0; i < n; i++)
-            srcs[i] = PyArray_DATA(xs[i]);
-        Py_BEGIN_ALLOW_THREADS
-        rc = concat_forward(op, srcs, PyArray_DATA(y));
+            srcs[i] = stage(&st, xs[i], STAGE_IN);
+        float *dst = stage(&st, y, STAGE_OUT);
+        rc = staging_finish(&st, st.rc == DS_OK ? concat_forward(op, srcs, dst) : st.rc);
         op_destroy(op);
         Py_END_ALLOW_THREADS
     }
@@ -375,7 +471,6 @@ done:
 }
 
 /* ---------------------------------------------------------------- detection (csrc/detect.c) */
-/* --- detection glue: begin --- */
 
 /* A spot list as a float32 array [count, DS_SPOT_FIELDS]: z, y, x, score, intensity, size. */
 static PyObject *spots_to_array(const ds_spot_list *spots)
@@ -583,9 +678,7 @@ static PyObject *py_merge_plane_spots(PyObject *self, PyObject *args)
     spot_list_free(&merged);
     return result;
 }
-/* --- detection glue: end --- */
 
-/* --- training glue: begin --- */
 /* Training (csrc/train.c): the Trainer type, and each training op on its own for the tests. */
 #include "train.h"
 
@@ -648,6 +741,7 @@ static int Trainer_init(TrainerObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_RuntimeError, "network is not loaded");
         return -1;
     }
+    cfg.math_mode = model_math_mode(model);
     if (!self->lock && !(self->lock = PyThread_allocate_lock())) {
         PyErr_NoMemory();
         return -1;
@@ -783,12 +877,13 @@ static PyObject *Trainer_evaluate(TrainerObject *self, PyObject *args, PyObject 
 static PyObject *Trainer_get(TrainerObject *self, PyObject *arg)
 {
     const char *name = PyUnicode_AsUTF8(arg);
-    if (!name || !self->trainer)
-        return name ? PyErr_Format(PyExc_RuntimeError, "trainer is not initialised") : NULL;
-    float *data;
+    if (!name)
+        return NULL;
     const ds_param_entry *e;
-    ds_status rc = trainer_tensor(self->trainer, name, &data, &e);
-    if (rc != DS_OK) {
+    if (trainer_acquire(self) < 0)
+        return NULL;
+    if (trainer_find_tensor(self->trainer, name, &e) != DS_OK) {
+        PyThread_release_lock(self->lock);
         PyErr_SetString(PyExc_KeyError, ds_last_error());
         return NULL;
     }
@@ -796,8 +891,17 @@ static PyObject *Trainer_get(TrainerObject *self, PyObject *arg)
     for (int i = 0; i < e->ndim; i++)
         dims[i] = e->shape[i];
     PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(e->ndim, dims, NPY_FLOAT32);
-    if (out)
-        memcpy(PyArray_DATA(out), data, e->count * sizeof(float));
+    ds_status rc = DS_OK;
+    if (out) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = trainer_read_tensor(self->trainer, name, PyArray_DATA(out));
+        Py_END_ALLOW_THREADS
+    }
+    PyThread_release_lock(self->lock);
+    if (rc != DS_OK) {
+        Py_XDECREF(out);
+        return raise_status(rc);
+    }
     return (PyObject *)out;
 }
 
@@ -809,9 +913,8 @@ static PyObject *Trainer_set(TrainerObject *self, PyObject *args)
         return NULL;
     if (!self->trainer)
         return PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
-    float *data;
     const ds_param_entry *e;
-    if (trainer_tensor(self->trainer, name, &data, &e) != DS_OK) {
+    if (trainer_find_tensor(self->trainer, name, &e) != DS_OK) {
         PyErr_SetString(PyExc_KeyError, ds_last_error());
         return NULL;
     }
@@ -821,22 +924,22 @@ static PyObject *Trainer_set(TrainerObject *self, PyObject *args)
     int same = PyArray_NDIM(value) == e->ndim;
     for (int i = 0; same && i < e->ndim; i++)
         same = PyArray_DIM(value, i) == e->shape[i];
-    const float *src = PyArray_DATA(value);
-    int finite = 1;
-    for (size_t i = 0; same && finite && i < e->count; i++)
-        finite = isfinite(src[i]);
-    if (!same || !finite) {
+    if (!same) {
         Py_DECREF(value);
-        return PyErr_Format(PyExc_ValueError, "'%s': %s", name,
-                            same ? "values must be finite" : "the array does not have the tensor's shape");
+        return PyErr_Format(PyExc_ValueError, "'%s': the array does not have the tensor's shape", name);
     }
     if (trainer_acquire(self) < 0) {
         Py_DECREF(value);
         return NULL;
     }
-    memcpy(data, src, e->count * sizeof(float));
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = trainer_write_tensor(self->trainer, name, PyArray_DATA(value));
+    Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     Py_DECREF(value);
+    if (rc != DS_OK)
+        return raise_status(rc);
     Py_RETURN_NONE;
 }
 
@@ -867,7 +970,7 @@ static PyObject *Trainer_to_network(TrainerObject *self, PyObject *unused)
     ds_model *model = NULL;
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = model_from_parameters(&model, trainer_parameters(self->trainer));
+    rc = trainer_to_model(self->trainer, &model);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (rc != DS_OK)
@@ -968,10 +1071,10 @@ static PyGetSetDef Trainer_getset[] = {
 
 static PyTypeObject TrainerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "deepspot_napari._core.Trainer",
+    .tp_name = DS_QUALIFIED("Trainer"),
     .tp_doc = "Trainer(network, *, learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7, dropout=0.2, "
               "bn_momentum=0.99, bn_bessel=False, bce='logits', max_term='batch', seed=0): trains a copy of the "
-              "network's parameters in C (oneDNN).",
+              "network's parameters in C, on the network's backend and math mode.",
     .tp_basicsize = sizeof(TrainerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -1020,17 +1123,22 @@ static PyObject *py_conv2d_backward(PyObject *self, PyObject *args, PyObject *kw
         !(dw = (PyArrayObject *)PyArray_ZEROS(4, wd, NPY_FLOAT32, 0)) ||
         !(db = (PyArrayObject *)PyArray_ZEROS(1, PyArray_DIMS(b), NPY_FLOAT32, 0)))
         goto done;
-    ds_backend *backend;
     ds_train_op *op = NULL;
-    ds_status rc = get_backend(&backend);
+    ds_status rc;
     Py_BEGIN_ALLOW_THREADS
+    staging st;
+    staging_begin(&st);
+    float *x_ = stage(&st, x, STAGE_IN), *w_ = stage(&st, w, STAGE_IN), *b_ = stage(&st, b, STAGE_IN),
+          *dy_ = stage(&st, dy, STAGE_IN), *y_ = stage(&st, y, STAGE_OUT), *dw_ = stage(&st, dw, STAGE_OUT),
+          *db_ = stage(&st, db, STAGE_OUT), *dx_ = need_dx ? stage(&st, dx, STAGE_OUT) : NULL;
+    rc = st.rc;
     if (rc == DS_OK)
-        rc = conv_train_create(&op, backend, &d, need_dx);
+        rc = conv_train_create(&op, st.backend, &d, need_dx);
     if (rc == DS_OK)
-        rc = conv_train_forward(op, PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(w), PyArray_DATA(b));
+        rc = conv_train_forward(op, y_, x_, w_, b_);
     if (rc == DS_OK)
-        rc = conv_backward(op, need_dx ? PyArray_DATA(dx) : NULL, PyArray_DATA(dw), PyArray_DATA(db),
-                           PyArray_DATA(dy), PyArray_DATA(x));
+        rc = conv_backward(op, dx_, dw_, db_, dy_, x_);
+    rc = staging_finish(&st, rc);
     train_op_destroy(op);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
@@ -1075,18 +1183,24 @@ static PyObject *py_batchnorm_train(PyObject *self, PyObject *args, PyObject *kw
         !(dg = (PyArrayObject *)PyArray_ZEROS(1, cd, NPY_FLOAT32, 0)) ||
         !(dbeta = (PyArrayObject *)PyArray_ZEROS(1, cd, NPY_FLOAT32, 0)))
         goto done;
-    ds_backend *backend;
     ds_train_op *op = NULL;
-    ds_status rc = get_backend(&backend);
+    ds_status rc;
     Py_BEGIN_ALLOW_THREADS
+    staging st;
+    staging_begin(&st);
+    float *x_ = stage(&st, x, STAGE_IN), *g_ = stage(&st, g, STAGE_IN), *b_ = stage(&st, b, STAGE_IN),
+          *dy_ = stage(&st, dy, STAGE_IN), *y_ = stage(&st, y, STAGE_OUT), *mean_ = stage(&st, mean, STAGE_OUT),
+          *var_ = stage(&st, var, STAGE_OUT), *dx_ = stage(&st, dx, STAGE_OUT), *dg_ = stage(&st, dg, STAGE_OUT),
+          *dbeta_ = stage(&st, dbeta, STAGE_OUT);
+    rc = st.rc;
     if (rc == DS_OK)
-        rc = batchnorm_train_create(&op, backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], epsilon, relu, 1);
+        rc = batchnorm_train_create(&op, st.backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], epsilon, relu,
+                                    1);
     if (rc == DS_OK)
-        rc = batchnorm_train_forward(op, PyArray_DATA(y), PyArray_DATA(mean), PyArray_DATA(var), PyArray_DATA(x),
-                                     PyArray_DATA(g), PyArray_DATA(b));
+        rc = batchnorm_train_forward(op, y_, mean_, var_, x_, g_, b_);
     if (rc == DS_OK)
-        rc = batchnorm_backward(op, PyArray_DATA(dx), PyArray_DATA(dg), PyArray_DATA(dbeta), PyArray_DATA(dy),
-                                PyArray_DATA(x), PyArray_DATA(mean), PyArray_DATA(var), PyArray_DATA(g));
+        rc = batchnorm_backward(op, dx_, dg_, dbeta_, dy_, x_, mean_, var_, g_, b_);
+    rc = staging_finish(&st, rc);
     train_op_destroy(op);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
@@ -1131,17 +1245,22 @@ static PyObject *py_maxpool_backward(PyObject *self, PyObject *args, PyObject *k
     }
     if (!(y = new_nhwc(xd[0], oh, ow, xd[3])) || !(dx = new_nhwc(xd[0], xd[1], xd[2], xd[3])))
         goto done;
-    ds_backend *backend;
     ds_train_op *op = NULL;
-    ds_status rc = get_backend(&backend);
+    ds_status rc;
     Py_BEGIN_ALLOW_THREADS
+    staging st;
+    staging_begin(&st);
+    float *x_ = stage(&st, x, STAGE_IN), *dy_ = stage(&st, dy, STAGE_IN), *y_ = stage(&st, y, STAGE_OUT),
+          *dx_ = stage(&st, dx, STAGE_OUT);
+    rc = st.rc;
     if (rc == DS_OK)
-        rc = maxpool_train_create(&op, backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], oh, ow, kernel, stride,
-                                  pad_before, pad_after);
+        rc = maxpool_train_create(&op, st.backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], oh, ow, kernel,
+                                  stride, pad_before, pad_after);
     if (rc == DS_OK)
-        rc = maxpool_train_forward(op, PyArray_DATA(y), PyArray_DATA(x));
+        rc = maxpool_train_forward(op, y_, x_);
     if (rc == DS_OK)
-        rc = maxpool_backward(op, PyArray_DATA(dx), PyArray_DATA(dy));
+        rc = maxpool_backward(op, dx_, dy_);
+    rc = staging_finish(&st, rc);
     train_op_destroy(op);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
@@ -1189,13 +1308,25 @@ static PyObject *py_concat_backward(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "concat_backward: dy.shape[3] must be the sum of channels");
         goto done;
     }
-    float *dsrcs[CONCAT_MAX_INPUTS];
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++)
         if (!(parts[i] = new_nhwc(d[0], d[1], d[2], channels[i])))
             goto done;
-        dsrcs[i] = PyArray_DATA(parts[i]);
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    staging st;
+    staging_begin(&st);
+    float *dsrcs[CONCAT_MAX_INPUTS];
+    for (Py_ssize_t i = 0; i < n; i++)
+        dsrcs[i] = stage(&st, parts[i], STAGE_OUT);
+    const float *ddst = stage(&st, dy, STAGE_IN);
+    rc = staging_finish(&st, st.rc == DS_OK ? concat_backward(st.backend, dsrcs, ddst, (size_t)(d[0] * d[1] * d[2]),
+                                                              (int)n, channels)
+                                            : st.rc);
+    Py_END_ALLOW_THREADS
+    if (rc != DS_OK) {
+        raise_status(rc);
+        goto done;
     }
-    concat_backward(dsrcs, PyArray_DATA(dy), (size_t)(d[0] * d[1] * d[2]), (int)n, channels);
     result = PyList_New(n);
     for (Py_ssize_t i = 0; result && i < n; i++) {
         Py_INCREF(parts[i]);
@@ -1222,10 +1353,21 @@ static PyObject *binary_kernel(PyObject *args, int which)
         PyErr_SetString(PyExc_ValueError, "the two arrays must have the same shape");
     else if (b && (out = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(a), PyArray_DIMS(a), NPY_FLOAT32, 0))) {
         size_t n = (size_t)PyArray_SIZE(a);
-        if (which == 0)
-            relu_backward(PyArray_DATA(out), PyArray_DATA(a), PyArray_DATA(b), n, 0);
-        else
-            add_forward(PyArray_DATA(out), PyArray_DATA(a), PyArray_DATA(b), n);
+        ds_status rc;
+        Py_BEGIN_ALLOW_THREADS
+        staging st;
+        staging_begin(&st);
+        const float *a_ = stage(&st, a, STAGE_IN), *b_ = stage(&st, b, STAGE_IN);
+        float *out_ = stage(&st, out, STAGE_OUT);
+        rc = st.rc;
+        if (rc == DS_OK)
+            rc = which == 0 ? relu_backward(st.backend, out_, a_, b_, n, 0) : add_forward(st.backend, out_, a_, b_, n);
+        rc = staging_finish(&st, rc);
+        Py_END_ALLOW_THREADS
+        if (rc != DS_OK) {
+            Py_CLEAR(out);
+            raise_status(rc);
+        }
     }
     Py_XDECREF(a);
     Py_XDECREF(b);
@@ -1253,10 +1395,19 @@ static PyObject *py_spatial_dropout(PyObject *self, PyObject *args, PyObject *kw
     PyArrayObject *mask = y ? (PyArrayObject *)PyArray_ZEROS(2, md, NPY_FLOAT32, 0) : NULL;
     PyObject *result = NULL;
     if (mask) {
-        dropout_mask(PyArray_DATA(mask), (int)d[0], (int)d[3], rate, seed, stream);
-        spatial_dropout_forward(PyArray_DATA(y), PyArray_DATA(x), PyArray_DATA(mask), (int)d[0],
-                                (size_t)(d[1] * d[2]), (int)d[3]);
-        result = Py_BuildValue("(OO)", y, mask);
+        ds_status rc;
+        Py_BEGIN_ALLOW_THREADS
+        staging st;
+        staging_begin(&st);
+        float *x_ = stage(&st, x, STAGE_IN), *y_ = stage(&st, y, STAGE_OUT), *mask_ = stage(&st, mask, STAGE_OUT);
+        rc = st.rc;
+        if (rc == DS_OK)
+            rc = dropout_mask(st.backend, mask_, (int)d[0], (int)d[3], rate, seed, stream);
+        if (rc == DS_OK)
+            rc = spatial_dropout_forward(st.backend, y_, x_, mask_, (int)d[0], (size_t)(d[1] * d[2]), (int)d[3]);
+        rc = staging_finish(&st, rc);
+        Py_END_ALLOW_THREADS
+        result = rc == DS_OK ? Py_BuildValue("(OO)", y, mask) : raise_status(rc);
     }
     Py_DECREF(x);
     Py_XDECREF(y);
@@ -1281,12 +1432,24 @@ static PyObject *py_deepspot_loss(PyObject *self, PyObject *args, PyObject *kwar
     npy_intp *d = PyArray_DIMS(z);
     PyArrayObject *pred = (PyArrayObject *)PyArray_ZEROS(3, d, NPY_FLOAT32, 0);
     PyArrayObject *dz = pred ? (PyArrayObject *)PyArray_ZEROS(3, d, NPY_FLOAT32, 0) : NULL;
+    npy_intp terms_dims[1] = {DS_LOSS_TERMS};
+    PyArrayObject *terms = dz ? (PyArrayObject *)PyArray_ZEROS(1, terms_dims, NPY_FLOAT64, 0) : NULL;
     PyObject *result = NULL;
-    if (dz) {
-        double terms[2];
-        double loss = deepspot_loss(PyArray_DATA(pred), PyArray_DATA(dz), terms, PyArray_DATA(z), PyArray_DATA(t),
-                                    (int)d[0], (size_t)(d[1] * d[2]), bce_mode, max_mode);
-        result = Py_BuildValue("(dddOO)", loss, terms[0], terms[1], pred, dz);
+    if (terms) {
+        ds_status rc;
+        Py_BEGIN_ALLOW_THREADS
+        staging st;
+        staging_begin(&st);
+        const float *z_ = stage(&st, z, STAGE_IN), *t_ = stage(&st, t, STAGE_IN);
+        float *pred_ = stage(&st, pred, STAGE_OUT), *dz_ = stage(&st, dz, STAGE_OUT);
+        double *terms_ = stage(&st, terms, STAGE_OUT);
+        rc = staging_finish(&st, st.rc == DS_OK ? deepspot_loss(st.backend, terms_, pred_, dz_, z_, t_, (int)d[0],
+                                                                (size_t)(d[1] * d[2]), bce_mode, max_mode)
+                                                : st.rc);
+        Py_END_ALLOW_THREADS
+        const double *v = PyArray_DATA(terms);
+        result = rc == DS_OK ? Py_BuildValue("(dddOO)", v[0], v[1], v[2], pred, dz) : raise_status(rc);
+        Py_DECREF(terms);
     }
     Py_DECREF(z);
     Py_DECREF(t);
@@ -1322,25 +1485,37 @@ static PyObject *py_adam_update(PyObject *self, PyObject *args, PyObject *kwargs
             goto done;
         }
     }
-    adam_update(PyArray_DATA(a[0]), PyArray_DATA(a[1]), PyArray_DATA(a[2]), PyArray_DATA(a[3]),
-                (size_t)PyArray_SIZE(a[0]), lr, beta1, beta2, epsilon, step);
-    result = Py_BuildValue("(OOO)", a[0], a[1], a[2]);
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    staging st;
+    staging_begin(&st);
+    float *param = stage(&st, a[0], STAGE_INOUT), *m = stage(&st, a[1], STAGE_INOUT),
+          *v = stage(&st, a[2], STAGE_INOUT), *grad = stage(&st, a[3], STAGE_IN);
+    rc = staging_finish(&st, st.rc == DS_OK ? adam_update(st.backend, param, m, v, grad, (size_t)PyArray_SIZE(a[0]),
+                                                          lr, beta1, beta2, epsilon, step, NULL)
+                                            : st.rc);
+    Py_END_ALLOW_THREADS
+    result = rc == DS_OK ? Py_BuildValue("(OOO)", a[0], a[1], a[2]) : raise_status(rc);
 done:
     for (int i = 0; i < 4; i++)
         Py_XDECREF(a[i]);
     return result;
 }
-/* _core.Trainer(...): the type is readied on first use (the module init is not touched). */
-static PyObject *py_trainer(PyObject *self, PyObject *args, PyObject *kwargs)
+static PyObject *py_probe(PyObject *self, PyObject *unused)
 {
-    if (!(TrainerType.tp_flags & Py_TPFLAGS_READY) && PyType_Ready(&TrainerType) < 0)
+    char description[256];
+    ds_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = backend_probe(description, sizeof description);
+    Py_END_ALLOW_THREADS
+    if (rc != DS_OK) {
+        PyErr_SetString(PyExc_RuntimeError, ds_last_error());
         return NULL;
-    return PyObject_Call((PyObject *)&TrainerType, args, kwargs);
+    }
+    return PyUnicode_FromString(description);
 }
-/* --- training glue: end --- */
 
 static PyMethodDef module_methods[] = {
-/* --- training methods: begin --- */
     {"conv2d_backward", (PyCFunction)(void (*)(void))py_conv2d_backward, METH_VARARGS | METH_KEYWORDS,
      "conv2d_backward(x, weight, bias, dy, stride=1, dilation=1, pad_before=0, pad_after=0, transposed=False, "
      "need_dx=True) -> (y, dx or None, dweight, dbias): the training forward and backward of one (transposed) conv."},
@@ -1361,10 +1536,9 @@ static PyMethodDef module_methods[] = {
     {"adam_update", (PyCFunction)(void (*)(void))py_adam_update, METH_VARARGS | METH_KEYWORDS,
      "adam_update(param, m, v, grad, step, learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7) -> "
      "(param, m, v): one Keras Adam update (copies)."},
-    {"Trainer", (PyCFunction)(void (*)(void))py_trainer, METH_VARARGS | METH_KEYWORDS, "Trainer(network, *, "
-     "learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7, dropout=0.2, bn_momentum=0.99, bn_bessel=False, "
-     "bce='logits', max_term='batch', seed=0) -> a trainer of a copy of the network's parameters (C, oneDNN)."},
-/* --- training methods: end --- */
+    {"probe", py_probe, METH_NOARGS,
+     "probe() -> a one-line description of the device this module computes on; RuntimeError with the reason when it "
+     "cannot run here (e.g. no GPU)."},
     {"conv2d", (PyCFunction)(void (*)(void))py_conv2d, METH_VARARGS | METH_KEYWORDS,
      "conv2d(x, weight, bias, stride=1, dilation=1, pad_before=0, pad_after=0, transposed=False, relu=False, "
      "sigmoid=False, accumulate=None): one (transposed) convolution on NHWC float32 x, weight [out, in, k, k]."},
@@ -1373,7 +1547,6 @@ static PyMethodDef module_methods[] = {
     {"maxpool", (PyCFunction)(void (*)(void))py_maxpool, METH_VARARGS | METH_KEYWORDS,
      "maxpool(x, kernel, stride, pad_before=0, pad_after=0): max pooling on NHWC x."},
     {"concat", py_concat, METH_O, "concat([x1, x2, ...]): channel concatenation of NHWC arrays."},
-/* --- detection methods: begin --- */
     {"wavelet_transform", (PyCFunction)py_wavelet_transform, METH_VARARGS,
      "wavelet_transform(image, num_scales) -> float32 [num_scales, h, w]: a trous details W_1..W_n "
      "(B3 spline, symmetric mirror borders)."},
@@ -1386,25 +1559,35 @@ static PyMethodDef module_methods[] = {
     {"merge_plane_spots", (PyCFunction)py_merge_plane_spots, METH_VARARGS,
      "merge_plane_spots(spots, radius) -> float32 [m, 6]: spots [n, 6] of several planes (z = plane index) with "
      "those of adjacent planes within radius linked into one molecule each."},
-/* --- detection methods: end --- */
     {NULL},
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_core", "DeepSpot C core: network forward on oneDNN, spot detection.", -1, module_methods,
+    PyModuleDef_HEAD_INIT, DS_MODULE_NAME,
+    "DeepSpot C core on the " DS_BACKEND_NAME " backend: network forward and training, spot detection.", -1,
+    module_methods,
 };
 
-PyMODINIT_FUNC PyInit__core(void)
+static int add_type(PyObject *module, const char *name, PyTypeObject *type)
+{
+    if (PyType_Ready(type) < 0)
+        return -1;
+    Py_INCREF(type);
+    if (PyModule_AddObject(module, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC DS_PASTE(PyInit_, DS_MODULE)(void)
 {
     import_array();
-    if (PyType_Ready(&NetworkType) < 0)
-        return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (!module)
         return NULL;
-    Py_INCREF(&NetworkType);
-    if (PyModule_AddObject(module, "Network", (PyObject *)&NetworkType) < 0) {
-        Py_DECREF(&NetworkType);
+    if (add_type(module, "Network", &NetworkType) < 0 || add_type(module, "Trainer", &TrainerType) < 0 ||
+        PyModule_AddStringConstant(module, "BACKEND", DS_BACKEND_NAME) < 0) {
         Py_DECREF(module);
         return NULL;
     }

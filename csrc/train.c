@@ -5,10 +5,12 @@
  * gradient of an activation, saved batch statistics, dropout mask, scratch) gets a lifetime on that
  * schedule and an offset in one arena (greedy first fit among tensors whose lifetimes overlap),
  * so an activation's memory is reused once its last backward consumer has run.
- * Unlike the inference plan nothing is folded: BN runs on batch statistics and its ReLU is fused
- * (the op keeps the mask); dropout and residual adds are plain C kernels (ops.h). A tensor read by
- * several nodes gets its gradient written by the last of them (first in backward order) and
- * accumulated by the others. */
+ * Unlike the inference plan nothing is folded: BN runs on batch statistics and its ReLU is fused;
+ * dropout and residual adds are the kernels of ops.h. A tensor read by several nodes gets its
+ * gradient written by the last of them (first in backward order) and accumulated by the others.
+ * Parameters, their gradients, the Adam moments, the activations and the loss live in backend
+ * memory (device memory on the GPU): a step is queued whole, its updates guarded on the device by
+ * the loss being finite, and only the loss comes back to the host at its end. */
 #include "train.h"
 
 #include <math.h>
@@ -71,6 +73,7 @@ typedef struct {
     int acc[CONCAT_MAX_INPUTS]; /* the backward adds into d(in[k]) instead of writing it */
     int scratch;                /* where an accumulated oneDNN gradient is written first, or -1 */
     int mean, var, mask;        /* saved batch statistics / dropout mask, or -1 */
+    int pred;                   /* the loss node in inference mode: the sigmoid map, or -1 */
     conv_params *cp, *cg;
     bn_params *bp, *bg;
     int relu, need_dsrc;
@@ -91,7 +94,8 @@ struct ds_trainer {
     ds_backend *backend;
     ds_train_config cfg;
     model_params params, grads, m, v;
-    float *mem[4]; /* params, grads, m, v: one arena each, same layout */
+    float *mem[4]; /* params, grads, m, v: one arena each, same layout, backend memory */
+    double *loss_terms; /* backend memory: DS_LOSS_TERMS values of the last forward */
     ds_param_table *table[4];
     size_t n_floats;
     int trainable[DS_MAX_PARAM_ENTRIES]; /* table indices that Adam updates (not the moving statistics) */
@@ -99,7 +103,7 @@ struct ds_trainer {
     long step;
     graph *graphs[GRAPH_CACHE];
     unsigned long clock;
-    float *arena;
+    float *arena; /* backend memory */
     size_t arena_floats;
 };
 
@@ -128,7 +132,7 @@ static ds_status new_node(graph *g, node **out, node_kind kind, const int *in, i
     memset(n, 0, sizeof *n);
     n->kind = kind;
     n->n_in = n_in;
-    n->out = n->scratch = n->mean = n->var = n->mask = -1;
+    n->out = n->scratch = n->mean = n->var = n->mask = n->pred = -1;
     for (int k = 0; k < n_in; k++) {
         tensor *t = &g->tensors[in[k]];
         if (t->n_consumers == G_MAX_CONSUMERS)
@@ -305,7 +309,8 @@ static ds_status build_network(graph *g, ds_trainer *tr)
     DS_TRY(g_conv(g, be, t, &g->logits, &p->head, &d->head, 0, 1, 1, 1));
     int in[2] = {g->logits, g->target};
     node *n;
-    return new_node(g, &n, N_LOSS, in, 2);
+    DS_TRY(new_node(g, &n, N_LOSS, in, 2));
+    return g->training ? DS_OK : new_tensor(g, &n->pred, 1, g->height, g->width);
 }
 
 /* Lifetimes on the schedule (forward i at step i, backward at 2N-1-i), gradient and scratch
@@ -326,6 +331,10 @@ static ds_status plan_lifetimes(graph *g)
         if (n->mask >= 0) {
             g->tensors[n->mask].first = i;
             g->tensors[n->mask].last = BWD(i);
+        }
+        if (n->pred >= 0) {
+            g->tensors[n->pred].first = i;
+            g->tensors[n->pred].last = BWD(i);
         }
     }
     g->tensors[g->input].first = g->tensors[g->target].first = 0;
@@ -462,15 +471,16 @@ static ds_status get_graph(ds_trainer *tr, int batch, int height, int width, int
     graph *g = NULL;
     DS_TRY(graph_create(&g, tr, batch, height, width, training));
     if (g->arena_floats > tr->arena_floats) {
-        free(tr->arena);
-        tr->arena = aligned_alloc(64, g->arena_floats * sizeof(float));
-        tr->arena_floats = tr->arena ? g->arena_floats : 0;
-        if (!tr->arena) {
+        backend_free(tr->backend, tr->arena);
+        tr->arena = NULL;
+        tr->arena_floats = 0;
+        if (backend_alloc(tr->backend, (void **)&tr->arena, g->arena_floats * sizeof(float)) != DS_OK) {
             size_t mib = g->arena_floats * sizeof(float) >> 20;
             graph_free(g);
             return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations to train on a batch of %d at %dx%d",
                            mib, batch, height, width);
         }
+        tr->arena_floats = g->arena_floats;
     }
     g->last_used = ++tr->clock;
     tr->graphs[victim] = g;
@@ -482,22 +492,10 @@ static ds_status get_graph(ds_trainer *tr, int batch, int height, int width, int
 
 #define T(id) (tr->arena + g->tensors[id].offset)
 
-static void update_moving_statistics(const ds_trainer *tr, const graph *g, const node *n)
+/* Queues the whole forward; the loss terms stay in tr->loss_terms (backend memory). */
+static ds_status forward(ds_trainer *tr, graph *g)
 {
-    const float *mean = T(n->mean), *var = T(n->var);
-    const tensor *x = &g->tensors[n->in[0]];
-    double count = (double)g->batch * x->h * x->w;
-    float correction = tr->cfg.bn_bessel && count > 1.0 ? (float)(count / (count - 1.0)) : 1.0f;
-    float momentum = (float)tr->cfg.bn_momentum, rest = (float)(1.0 - tr->cfg.bn_momentum);
-    bn_params *b = n->bp;
-    for (int c = 0; c < b->channels; c++) {
-        b->moving_mean[c] = b->moving_mean[c] * momentum + mean[c] * rest;
-        b->moving_variance[c] = b->moving_variance[c] * momentum + var[c] * correction * rest;
-    }
-}
-
-static ds_status forward(ds_trainer *tr, graph *g, ds_loss_value *loss, float *pred)
-{
+    ds_backend *be = tr->backend;
     for (int i = 0; i < g->n_nodes; i++) {
         node *n = &g->nodes[i];
         switch (n->kind) {
@@ -527,29 +525,24 @@ static ds_status forward(ds_trainer *tr, graph *g, ds_loss_value *loss, float *p
             const tensor *x = &g->tensors[n->out];
             size_t pixels = (size_t)x->h * x->w;
             if (g->training && tr->cfg.dropout_rate > 0.0f) {
-                dropout_mask(T(n->mask), g->batch, x->c, tr->cfg.dropout_rate, tr->cfg.seed,
-                             (unsigned long long)tr->step * 1024u + (unsigned)i);
-                spatial_dropout_forward(T(n->out), T(n->in[0]), T(n->mask), g->batch, pixels, x->c);
-                add_inplace(T(n->out), T(n->in[1]), x->floats);
+                DS_TRY(dropout_mask(be, T(n->mask), g->batch, x->c, tr->cfg.dropout_rate, tr->cfg.seed,
+                                    (unsigned long long)tr->step * 1024u + (unsigned)i));
+                DS_TRY(spatial_dropout_forward(be, T(n->out), T(n->in[0]), T(n->mask), g->batch, pixels, x->c));
+                DS_TRY(add_inplace(be, T(n->out), T(n->in[1]), x->floats));
             } else {
                 if (g->training)
-                    dropout_mask(T(n->mask), g->batch, x->c, 0.0f, 0, 0);
-                add_forward(T(n->out), T(n->in[0]), T(n->in[1]), x->floats);
+                    DS_TRY(dropout_mask(be, T(n->mask), g->batch, x->c, 0.0f, 0, 0));
+                DS_TRY(add_forward(be, T(n->out), T(n->in[0]), T(n->in[1]), x->floats));
             }
-            if (n->relu) {
-                float *y = T(n->out);
-                for (size_t k = 0; k < x->floats; k++)
-                    y[k] = y[k] > 0.0f ? y[k] : 0.0f;
-            }
+            if (n->relu)
+                DS_TRY(relu_inplace(be, T(n->out), x->floats));
             break;
         }
         case N_LOSS: {
-            double terms[2] = {0, 0};
             const tensor *z = &g->tensors[n->in[0]];
-            double value = deepspot_loss(pred, g->training ? T(z->grad) : NULL, terms, T(n->in[0]), T(n->in[1]),
-                                         g->batch, (size_t)z->h * z->w, tr->cfg.bce_mode, tr->cfg.max_mode);
-            if (loss)
-                *loss = (ds_loss_value){value, terms[0], terms[1]};
+            DS_TRY(deepspot_loss(be, tr->loss_terms, n->pred >= 0 ? T(n->pred) : NULL,
+                                 g->training ? T(z->grad) : NULL, T(n->in[0]), T(n->in[1]), g->batch,
+                                 (size_t)z->h * z->w, tr->cfg.bce_mode, tr->cfg.max_mode));
             break;
         }
         }
@@ -557,11 +550,22 @@ static ds_status forward(ds_trainer *tr, graph *g, ds_loss_value *loss, float *p
     return DS_OK;
 }
 
-static void commit_moving_statistics(ds_trainer *tr, graph *g)
+/* Keras updates the moving statistics in the forward; here only if the loss is finite (guarded on the
+ * backend; the batch statistics stay saved until each node's backward). */
+static ds_status commit_moving_statistics(ds_trainer *tr, graph *g)
 {
-    for (int i = 0; i < g->n_nodes; i++)
-        if (g->nodes[i].kind == N_BN)
-            update_moving_statistics(tr, g, &g->nodes[i]);
+    for (int i = 0; i < g->n_nodes; i++) {
+        const node *n = &g->nodes[i];
+        if (n->kind != N_BN)
+            continue;
+        const tensor *x = &g->tensors[n->in[0]];
+        double count = (double)g->batch * x->h * x->w;
+        float correction = tr->cfg.bn_bessel && count > 1.0 ? (float)(count / (count - 1.0)) : 1.0f;
+        DS_TRY(moving_statistics_update(tr->backend, n->bp->moving_mean, n->bp->moving_variance, T(n->mean),
+                                        T(n->var), n->bp->channels, tr->cfg.bn_momentum, correction,
+                                        tr->loss_terms));
+    }
+    return DS_OK;
 }
 
 /* Where node n writes d(in[k]): the gradient itself, or its scratch when it must accumulate. */
@@ -572,6 +576,7 @@ static float *grad_target(ds_trainer *tr, graph *g, node *n, int k)
 
 static ds_status backward(ds_trainer *tr, graph *g)
 {
+    ds_backend *be = tr->backend;
     for (int i = g->n_nodes - 1; i >= 0; i--) {
         node *n = &g->nodes[i];
         const tensor *in0 = &g->tensors[n->in[0]];
@@ -583,18 +588,18 @@ static ds_status backward(ds_trainer *tr, graph *g)
             DS_TRY(conv_backward(n->op, n->need_dsrc ? grad_target(tr, g, n, 0) : NULL, n->cg->weight, n->cg->bias,
                                  dout, T(n->in[0])));
             if (n->need_dsrc && n->acc[0])
-                add_inplace(T(in0->grad), T(n->scratch), in0->floats);
+                DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
         case N_BN:
             DS_TRY(batchnorm_backward(n->op, grad_target(tr, g, n, 0), n->bg->gamma, n->bg->beta, dout, T(n->in[0]),
-                                      T(n->mean), T(n->var), n->bp->gamma));
+                                      T(n->mean), T(n->var), n->bp->gamma, n->bp->beta));
             if (n->acc[0])
-                add_inplace(T(in0->grad), T(n->scratch), in0->floats);
+                DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
         case N_POOL:
             DS_TRY(maxpool_backward(n->op, grad_target(tr, g, n, 0), dout));
             if (n->acc[0])
-                add_inplace(T(in0->grad), T(n->scratch), in0->floats);
+                DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
         case N_CONCAT: {
             float *dsrcs[CONCAT_MAX_INPUTS];
@@ -603,7 +608,7 @@ static ds_status backward(ds_trainer *tr, graph *g)
                 dsrcs[k] = T(g->tensors[n->in[k]].grad);
                 channels[k] = g->tensors[n->in[k]].c;
             }
-            concat_backward(dsrcs, dout, (size_t)g->batch * in0->h * in0->w, n->n_in, channels);
+            DS_TRY(concat_backward(be, dsrcs, dout, (size_t)g->batch * in0->h * in0->w, n->n_in, channels));
             break;
         }
         case N_DROP_ADD: {
@@ -612,26 +617,35 @@ static ds_status backward(ds_trainer *tr, graph *g)
             if (n->acc[0])
                 return ds_fail(DS_ERR_VALUE, "training graph: a dropout input with several consumers");
             if (n->relu)
-                relu_backward(dout, dout, T(n->out), count, 0);
+                DS_TRY(relu_backward(be, dout, dout, T(n->out), count, 0));
             /* d(b) = dout; d(a) = dout * mask */
             if (n->acc[1])
-                add_inplace(T(b->grad), dout, count);
+                DS_TRY(add_inplace(be, T(b->grad), dout, count));
             else
-                memcpy(T(b->grad), dout, count * sizeof(float));
-            spatial_dropout_backward(T(in0->grad), dout, T(n->mask), g->batch, (size_t)y->h * y->w, y->c);
+                DS_TRY(backend_copy(be, T(b->grad), dout, count * sizeof(float)));
+            DS_TRY(spatial_dropout_backward(be, T(in0->grad), dout, T(n->mask), g->batch, (size_t)y->h * y->w, y->c));
             break;
         }
         }
     }
-    return backend_synchronize(tr->backend);
+    return DS_OK;
 }
 
+/* images and targets (NULL: zeros, when no loss is wanted) from the host into the graph's inputs. */
 static ds_status copy_inputs(ds_trainer *tr, graph *g, const float *images, const float *targets)
 {
-    size_t n = (size_t)g->batch * g->height * g->width;
-    memcpy(T(g->input), images, n * sizeof(float));
-    if (targets)
-        memcpy(T(g->target), targets, n * sizeof(float));
+    size_t bytes = (size_t)g->batch * g->height * g->width * sizeof(float);
+    DS_TRY(backend_upload(tr->backend, T(g->input), images, bytes));
+    return targets ? backend_upload(tr->backend, T(g->target), targets, bytes)
+                   : backend_zero(tr->backend, T(g->target), bytes);
+}
+
+/* Waits for the queued step and brings its loss to the host. */
+static ds_status read_loss(ds_trainer *tr, ds_loss_value *value)
+{
+    double terms[DS_LOSS_TERMS];
+    DS_TRY(backend_download(tr->backend, terms, tr->loss_terms, sizeof terms));
+    *value = (ds_loss_value){terms[0], terms[1], terms[2]};
     return DS_OK;
 }
 
@@ -642,7 +656,7 @@ static ds_status check_finite(const float *a, size_t n, const char *what)
     int finite = 1;
     for (size_t i = 0; i < n; i++)
         finite &= isfinite(a[i]);
-    return finite ? DS_OK : ds_fail(DS_ERR_VALUE, "%s hold NaN or Inf values", what);
+    return finite ? DS_OK : ds_fail(DS_ERR_VALUE, "%s: expected finite values, found NaN or Inf", what);
 }
 
 static ds_status check_step_inputs(const float *images, const float *targets, size_t n)
@@ -654,24 +668,28 @@ static ds_status check_step_inputs(const float *images, const float *targets, si
 }
 
 /* The part every training call shares: checked inputs, the graph for this shape, the forward in
- * training mode (batch statistics, dropout) and its loss. */
-static ds_status training_forward(ds_trainer *tr, int batch, int height, int width, const float *images,
-                                  const float *targets, graph **g, ds_loss_value *value)
+ * training mode (batch statistics, dropout) and its loss, the moving statistics if asked (before the
+ * backward reuses the memory of the batch statistics), and the backward. */
+static ds_status training_pass(ds_trainer *tr, int batch, int height, int width, const float *images,
+                               const float *targets, int update_statistics)
 {
     size_t n = (size_t)(batch > 0 ? batch : 0) * (height > 0 ? height : 0) * (width > 0 ? width : 0);
+    graph *g = NULL;
     DS_TRY(check_step_inputs(images, targets, n));
-    DS_TRY(get_graph(tr, batch, height, width, 1, g));
-    DS_TRY(copy_inputs(tr, *g, images, targets));
-    return forward(tr, *g, value, NULL);
+    DS_TRY(get_graph(tr, batch, height, width, 1, &g));
+    DS_TRY(copy_inputs(tr, g, images, targets));
+    DS_TRY(forward(tr, g));
+    if (update_statistics)
+        DS_TRY(commit_moving_statistics(tr, g));
+    return backward(tr, g);
 }
 
 ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int width, const float *images,
                                     const float *targets, ds_loss_value *loss)
 {
-    graph *g = NULL;
     ds_loss_value value;
-    DS_TRY(training_forward(tr, batch, height, width, images, targets, &g, &value));
-    DS_TRY(backward(tr, g));
+    DS_TRY(training_pass(tr, batch, height, width, images, targets, 0));
+    DS_TRY(read_loss(tr, &value));
     if (!isfinite(value.loss))
         return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g)", value.loss);
     if (loss)
@@ -682,22 +700,19 @@ ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int w
 ds_status trainer_step(ds_trainer *tr, int batch, int height, int width, const float *images, const float *targets,
                        ds_loss_value *loss)
 {
-    graph *g = NULL;
     ds_loss_value value;
-    DS_TRY(training_forward(tr, batch, height, width, images, targets, &g, &value));
-    if (!isfinite(value.loss))
-        return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g): no update made", value.loss);
-    /* Keras updates the moving statistics in the forward; here only once the loss is known to be
-     * finite (the batch statistics stay saved until each node's backward). */
-    commit_moving_statistics(tr, g);
-    DS_TRY(backward(tr, g));
+    DS_TRY(training_pass(tr, batch, height, width, images, targets, 1));
     long step = tr->step + 1;
     for (int k = 0; k < tr->n_trainable; k++) {
         const ds_param_entry *e = &tr->table[0]->entries[tr->trainable[k]];
         size_t offset = (size_t)(*e->slot - tr->mem[0]);
-        adam_update(tr->mem[0] + offset, tr->mem[2] + offset, tr->mem[3] + offset, tr->mem[1] + offset, e->count,
-                    tr->cfg.learning_rate, tr->cfg.beta1, tr->cfg.beta2, tr->cfg.adam_epsilon, step);
+        DS_TRY(adam_update(tr->backend, tr->mem[0] + offset, tr->mem[2] + offset, tr->mem[3] + offset,
+                           tr->mem[1] + offset, e->count, tr->cfg.learning_rate, tr->cfg.beta1, tr->cfg.beta2,
+                           tr->cfg.adam_epsilon, step, tr->loss_terms));
     }
+    DS_TRY(read_loss(tr, &value));
+    if (!isfinite(value.loss))
+        return ds_fail(DS_ERR_VALUE, "the loss is not finite (%g): no update made", value.loss);
     tr->step = step;
     if (loss)
         *loss = value;
@@ -716,13 +731,16 @@ ds_status trainer_evaluate(ds_trainer *tr, int batch, int height, int width, con
     graph *g = NULL;
     DS_TRY(get_graph(tr, batch, height, width, 0, &g));
     DS_TRY(copy_inputs(tr, g, images, targets));
+    DS_TRY(forward(tr, g));
+    const node *loss_node = &g->nodes[g->n_nodes - 1];
+    if (pred)
+        DS_TRY(backend_download(tr->backend, pred, tr->arena + g->tensors[loss_node->pred].offset,
+                                n * sizeof(float)));
     ds_loss_value value = {0, 0, 0};
-    if (!targets) /* no loss wanted: any target will do */
-        memset(tr->arena + g->tensors[g->target].offset, 0, g->tensors[g->target].floats * sizeof(float));
-    DS_TRY(forward(tr, g, &value, pred));
-    if (!targets)
-        value = (ds_loss_value){0, 0, 0};
-    DS_TRY(backend_synchronize(tr->backend));
+    if (targets)
+        DS_TRY(read_loss(tr, &value));
+    else
+        DS_TRY(backend_synchronize(tr->backend));
     if (loss)
         *loss = value;
     return DS_OK;
@@ -742,16 +760,17 @@ ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_tr
     if (!tr)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
     tr->cfg = cfg;
-    ds_status rc = DS_OK;
     tr->n_floats = model_param_floats();
+    ds_status rc = backend_create(&tr->backend, cfg.math_mode);
+    if (rc == DS_OK)
+        rc = backend_alloc(tr->backend, (void **)&tr->loss_terms, DS_LOSS_TERMS * sizeof(double));
     model_params *sets[4] = {&tr->params, &tr->grads, &tr->m, &tr->v};
     for (int k = 0; k < 4 && rc == DS_OK; k++) {
-        tr->mem[k] = calloc(tr->n_floats, sizeof(float));
         tr->table[k] = malloc(sizeof(ds_param_table));
-        if (!tr->mem[k] || !tr->table[k]) {
-            rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+        rc = tr->table[k] ? backend_alloc(tr->backend, (void **)&tr->mem[k], tr->n_floats * sizeof(float))
+                          : ds_fail(DS_ERR_NOMEM, "out of memory");
+        if (rc != DS_OK)
             break;
-        }
         model_params_bind(sets[k], tr->mem[k]);
         model_param_table(sets[k], tr->table[k]);
     }
@@ -769,20 +788,15 @@ ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_tr
                     rc = ds_fail(DS_ERR_VALUE, "initial parameter '%s' is missing", e->name);
                     break;
                 }
-                memcpy(*e->slot, from, e->count * sizeof(float));
-                for (size_t j = 0; j < e->count; j++)
-                    if (!isfinite(from[j])) {
-                        rc = ds_fail(DS_ERR_VALUE, "initial parameter '%s' holds NaN or Inf values", e->name);
-                        break;
-                    }
+                rc = check_finite(from, e->count, e->name);
+                if (rc == DS_OK)
+                    rc = backend_upload(tr->backend, *e->slot, from, e->count * sizeof(float));
                 if (!strstr(e->name, ".moving_"))
                     tr->trainable[tr->n_trainable++] = i;
             }
             free(src);
         }
     }
-    if (rc == DS_OK)
-        rc = backend_create(&tr->backend);
     if (rc != DS_OK) {
         trainer_free(tr);
         return rc;
@@ -797,12 +811,13 @@ void trainer_free(ds_trainer *tr)
         return;
     for (int i = 0; i < GRAPH_CACHE; i++)
         graph_free(tr->graphs[i]);
-    backend_destroy(tr->backend);
     for (int k = 0; k < 4; k++) {
-        free(tr->mem[k]);
+        backend_free(tr->backend, tr->mem[k]);
         free(tr->table[k]);
     }
-    free(tr->arena);
+    backend_free(tr->backend, tr->arena);
+    backend_free(tr->backend, tr->loss_terms);
+    backend_destroy(tr->backend);
     free(tr);
 }
 
@@ -811,12 +826,12 @@ const ds_train_config *trainer_get_config(const ds_trainer *tr) { return &tr->cf
 ds_status trainer_set_config(ds_trainer *tr, const ds_train_config *config)
 {
     DS_TRY(check_config(config));
+    if (config->math_mode != tr->cfg.math_mode)
+        return ds_fail(DS_ERR_VALUE, "the math mode is fixed when the trainer is created");
     tr->cfg = *config;
     return DS_OK;
 }
 
-const model_params *trainer_parameters(const ds_trainer *tr) { return &tr->params; }
-const model_params *trainer_gradients(const ds_trainer *tr) { return &tr->grads; }
 long trainer_step_count(const ds_trainer *tr) { return tr->step; }
 void trainer_set_step_count(ds_trainer *tr, long step) { tr->step = step < 0 ? 0 : step; }
 int trainer_num_tensors(const ds_trainer *tr) { return tr->table[0]->count; }
@@ -828,7 +843,8 @@ const ds_param_entry *trainer_tensor_entry(const ds_trainer *tr, int index)
 
 size_t trainer_arena_bytes(const ds_trainer *tr) { return tr->arena_floats * sizeof(float); }
 
-ds_status trainer_tensor(ds_trainer *tr, const char *name, float **data, const ds_param_entry **entry)
+/* The backend memory of a tensor by name (see trainer_find_tensor). */
+static ds_status tensor_by_name(const ds_trainer *tr, const char *name, float **data, const ds_param_entry **entry)
 {
     static const char *prefixes[4] = {"", "grad.", "adam.m.", "adam.v."};
     for (int k = 3; k >= 0; k--) {
@@ -839,13 +855,49 @@ ds_status trainer_tensor(ds_trainer *tr, const char *name, float **data, const d
         for (int i = 0; i < t->count; i++)
             if (strcmp(t->entries[i].name, name + len) == 0) {
                 *data = *t->entries[i].slot;
-                if (entry)
-                    *entry = &tr->table[0]->entries[i];
+                *entry = &tr->table[0]->entries[i];
                 return DS_OK;
             }
         break;
     }
     return ds_fail(DS_ERR_VALUE, "the trainer has no tensor '%s'", name);
+}
+
+ds_status trainer_find_tensor(const ds_trainer *tr, const char *name, const ds_param_entry **entry)
+{
+    float *unused;
+    return tensor_by_name(tr, name, &unused, entry);
+}
+
+ds_status trainer_read_tensor(ds_trainer *tr, const char *name, float *host)
+{
+    float *data;
+    const ds_param_entry *e;
+    DS_TRY(tensor_by_name(tr, name, &data, &e));
+    return backend_download(tr->backend, host, data, e->count * sizeof(float));
+}
+
+ds_status trainer_write_tensor(ds_trainer *tr, const char *name, const float *host)
+{
+    float *data;
+    const ds_param_entry *e;
+    DS_TRY(tensor_by_name(tr, name, &data, &e));
+    DS_TRY(check_finite(host, e->count, name));
+    return backend_upload(tr->backend, data, host, e->count * sizeof(float));
+}
+
+ds_status trainer_to_model(ds_trainer *tr, ds_model **model)
+{
+    float *host = malloc(tr->n_floats * sizeof(float));
+    if (!host)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    model_params params;
+    model_params_bind(&params, host);
+    ds_status rc = backend_download(tr->backend, host, tr->mem[0], tr->n_floats * sizeof(float));
+    if (rc == DS_OK)
+        rc = model_from_parameters(model, &params, tr->cfg.math_mode);
+    free(host);
+    return rc;
 }
 
 ds_status trainer_load(ds_trainer *tr, const char *path)
@@ -859,7 +911,7 @@ ds_status trainer_load(ds_trainer *tr, const char *path)
             const st_tensor *t = &file.tensors[i];
             float *data;
             const ds_param_entry *e;
-            if (strncmp(t->name, "grad.", 5) == 0 || trainer_tensor(tr, t->name, &data, &e) != DS_OK) {
+            if (strncmp(t->name, "grad.", 5) == 0 || tensor_by_name(tr, t->name, &data, &e) != DS_OK) {
                 rc = ds_fail(DS_ERR_FORMAT, "'%s' has an unexpected tensor '%s'", path, t->name);
                 break;
             }
@@ -880,7 +932,7 @@ ds_status trainer_load(ds_trainer *tr, const char *path)
                     }
                 }
             } else {
-                memcpy(data, t->data, t->count * sizeof(float));
+                rc = backend_upload(tr->backend, data, t->data, t->count * sizeof(float));
             }
         }
         if (pass == 0 && rc == DS_OK)
@@ -891,8 +943,9 @@ ds_status trainer_load(ds_trainer *tr, const char *path)
                 }
         if (pass == 0 && rc == DS_OK) {
             /* moments absent from the file start at zero */
-            memset(tr->mem[2], 0, tr->n_floats * sizeof(float));
-            memset(tr->mem[3], 0, tr->n_floats * sizeof(float));
+            rc = backend_zero(tr->backend, tr->mem[2], tr->n_floats * sizeof(float));
+            if (rc == DS_OK)
+                rc = backend_zero(tr->backend, tr->mem[3], tr->n_floats * sizeof(float));
         }
     }
     st_free(&file);

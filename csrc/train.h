@@ -5,8 +5,10 @@
  * Memory, llm.c style: parameters, gradients and the two Adam moments are four arenas of the same
  * layout (model_params structs bound with model_params_bind); the activations, gradients of
  * activations and saved statistics of one (batch, height, width) live in one arena, placed by
- * lifetime over the forward-then-backward schedule. oneDNN primitives are built once per shape
- * (a few shapes are cached) and reused. No function exits or aborts: each returns a ds_status. */
+ * lifetime over the forward-then-backward schedule. All of it is backend memory (ops.h): on the
+ * GPU it never leaves the device except through the functions below that take host pointers.
+ * The backend's ops are built once per shape (a few shapes are cached) and reused. No function
+ * exits or aborts: each returns a ds_status. */
 #ifndef DS_TRAIN_H
 #define DS_TRAIN_H
 
@@ -28,6 +30,7 @@ typedef struct {
     int bce_mode;        /* DS_BCE_LOGITS (what Keras fit computes for a sigmoid output) or DS_BCE_CLIPPED */
     int max_mode;        /* DS_MAX_BATCH (the authors' code), DS_MAX_PER_IMAGE (the paper), DS_MAX_NONE */
     unsigned long long seed; /* dropout masks are a pure function of (seed, step, layer, sample, channel) */
+    int math_mode;       /* DS_MATH_FLOAT32 or DS_MATH_TF32 (GPU only); fixed at trainer_create */
 } ds_train_config;
 
 void train_config_default(ds_train_config *config);
@@ -57,14 +60,17 @@ ds_status trainer_compute_gradients(ds_trainer *trainer, int batch, int height, 
 ds_status trainer_evaluate(ds_trainer *trainer, int batch, int height, int width, const float *images,
                            const float *targets, float *pred, ds_loss_value *loss);
 
-const model_params *trainer_parameters(const ds_trainer *trainer);
-const model_params *trainer_gradients(const ds_trainer *trainer);
 long trainer_step_count(const ds_trainer *trainer);
 void trainer_set_step_count(ds_trainer *trainer, long step);
 
 /* A tensor of the trainer by name: "<parameter>" (e.g. "head.conv.weight"), "grad.<parameter>",
- * "adam.m.<parameter>", "adam.v.<parameter>". DS_ERR_VALUE if there is none. */
-ds_status trainer_tensor(ds_trainer *trainer, const char *name, float **data, const ds_param_entry **entry);
+ * "adam.m.<parameter>", "adam.v.<parameter>"; entry gets its shape. DS_ERR_VALUE if there is none. */
+ds_status trainer_find_tensor(const ds_trainer *trainer, const char *name, const ds_param_entry **entry);
+/* Copies a tensor (by name, as above) to / from host memory of entry->count floats; written values must be finite. */
+ds_status trainer_read_tensor(ds_trainer *trainer, const char *name, float *host);
+ds_status trainer_write_tensor(ds_trainer *trainer, const char *name, const float *host);
+/* An inference model (folded, same backend and math mode) from the current parameters. */
+ds_status trainer_to_model(ds_trainer *trainer, ds_model **model);
 /* Number of parameter tensors and the table entry of the i-th (names and shapes, in file order). */
 int trainer_num_tensors(const ds_trainer *trainer);
 const ds_param_entry *trainer_tensor_entry(const ds_trainer *trainer, int index);

@@ -69,8 +69,8 @@ static void test_safetensors_parser(void)
 static void test_model(const char *weights)
 {
     ds_model *model = NULL;
-    CHECK(model_load(&model, "/nonexistent.safetensors") == DS_ERR_IO, "missing weights accepted");
-    CHECK(model_load(&model, weights) == DS_OK, "cannot load %s: %s", weights, ds_last_error());
+    CHECK(model_load(&model, "/nonexistent.safetensors", DS_MATH_FLOAT32) == DS_ERR_IO, "missing weights accepted");
+    CHECK(model_load(&model, weights, DS_MATH_FLOAT32) == DS_OK, "cannot load %s: %s", weights, ds_last_error());
     if (!model)
         return;
     CHECK(model_num_parameters(model) == 4037249, "parameter count %zu", model_num_parameters(model));

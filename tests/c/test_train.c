@@ -25,7 +25,7 @@ int main(int argc, char **argv)
         return 2;
     }
     ds_model *model = NULL;
-    if (model_load(&model, argv[1]) != DS_OK) {
+    if (model_load(&model, argv[1], DS_MATH_FLOAT32) != DS_OK) {
         fprintf(stderr, "cannot load %s: %s\n", argv[1], ds_last_error());
         return 1;
     }
@@ -50,12 +50,24 @@ int main(int argc, char **argv)
             CHECK(isfinite(la.loss) && la.loss == lb.loss, "step %d: losses %g and %g", i, la.loss, lb.loss);
         }
         CHECK(trainer_step_count(a) == 3, "step count %ld", trainer_step_count(a));
-        float *wa, *wb;
-        const ds_param_entry *e;
-        CHECK(trainer_tensor(a, "trunk.block03.conv2.weight", &wa, &e) == DS_OK &&
-                  trainer_tensor(b, "trunk.block03.conv2.weight", &wb, NULL) == DS_OK &&
-                  memcmp(wa, wb, e->count * sizeof(float)) == 0,
-              "two trainers with one seed differ");
+        const char *name = "trunk.block03.conv2.weight";
+        const ds_param_entry *e = NULL;
+        CHECK(trainer_find_tensor(a, name, &e) == DS_OK, "find: %s", ds_last_error());
+        if (e) {
+            float *wa = malloc(e->count * sizeof(float)), *wb = malloc(e->count * sizeof(float));
+            CHECK(trainer_read_tensor(a, name, wa) == DS_OK && trainer_read_tensor(b, name, wb) == DS_OK &&
+                      memcmp(wa, wb, e->count * sizeof(float)) == 0,
+                  "two trainers with one seed differ");
+            /* a written tensor reads back; non-finite values are refused */
+            wa[0] += 1.0f;
+            CHECK(trainer_write_tensor(b, name, wa) == DS_OK && trainer_read_tensor(b, name, wb) == DS_OK &&
+                      wb[0] == wa[0],
+                  "write/read: %s", ds_last_error());
+            wa[1] = NAN;
+            CHECK(trainer_write_tensor(b, name, wa) == DS_ERR_VALUE, "NaN parameter accepted");
+            free(wa);
+            free(wb);
+        }
 
         /* shapes beyond the graph cache (4): eviction and arena growth */
         static const int shapes[][3] = {{1, 8, 8}, {1, 16, 16}, {2, 8, 16}, {1, 32, 8}, {3, 8, 8}, {2, 16, 24}};
@@ -75,7 +87,7 @@ int main(int argc, char **argv)
 
         /* evaluation equals the inference model made from the same parameters */
         ds_model *copy = NULL;
-        CHECK(model_from_parameters(&copy, trainer_parameters(a)) == DS_OK, "from parameters: %s", ds_last_error());
+        CHECK(trainer_to_model(a, &copy) == DS_OK, "to model: %s", ds_last_error());
         ds_loss_value le;
         CHECK(trainer_evaluate(a, B, H, W, x, t, pred, &le) == DS_OK, "evaluate: %s", ds_last_error());
         if (copy) {
@@ -94,8 +106,7 @@ int main(int argc, char **argv)
         x[5] = NAN;
         CHECK(trainer_step(a, B, H, W, x, t, NULL) == DS_ERR_VALUE, "NaN image accepted");
         CHECK(trainer_step_count(a) == 3, "a refused step counted");
-        float *unused;
-        CHECK(trainer_tensor(a, "adam.m.nothing", &unused, NULL) == DS_ERR_VALUE, "unknown tensor found");
+        CHECK(trainer_find_tensor(a, "adam.m.nothing", &e) == DS_ERR_VALUE, "unknown tensor found");
         CHECK(trainer_load(a, "/nonexistent/checkpoint.safetensors") == DS_ERR_IO, "missing checkpoint accepted");
         ds_train_config bad = cfg;
         bad.dropout_rate = 1.0f;
