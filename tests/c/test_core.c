@@ -70,6 +70,7 @@ static void test_model(const char *weights)
 {
     ds_model *model = NULL;
     CHECK(model_load(&model, "/nonexistent.safetensors", DS_MATH_FLOAT32) == DS_ERR_IO, "missing weights accepted");
+    CHECK(model_load(&model, weights, DS_MATH_TF32) == DS_ERR_VALUE && !model, "TF32 accepted by the CPU backend");
     CHECK(model_load(&model, weights, DS_MATH_FLOAT32) == DS_OK, "cannot load %s: %s", weights, ds_last_error());
     if (!model)
         return;
