@@ -37,6 +37,7 @@ from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .detect import DEFAULT_DETECTION, METHODS, SUBPIXEL_MODES, DetectionParams, detect_spots
+from .devices import PRECISIONS, available_devices, probe, resolve_device
 from .io import write_bytes
 from .model import BUNDLED_WEIGHTS, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_weights_path
 from ._reader_writer import points_layer_kwargs
@@ -69,26 +70,18 @@ def _guarded(what: str):
 
 
 # ----------------------------------------------------------------------------- the current model
-def available_devices() -> list[str]:
-    """Devices the Model accepts on this machine: "auto" and "cpu", plus "cuda" when the C core
-    reports a working GPU backend."""
-    from . import _core
-    devices = ["auto", "cpu"]
-    probe = getattr(_core, "cuda_available", None)
-    try:
-        if callable(probe) and probe():
-            devices.append("cuda")
-    except Exception:  # noqa: BLE001 - a failing probe means no GPU
-        pass
-    return devices
+def device_choices() -> list[str]:
+    """The device menu: "auto" and every device that works on this machine ("cuda" only with a working GPU)."""
+    return ["auto"] + [name for name, _ in available_devices()]
 
 
 class CurrentModel:
     """The model that the Enhance, Detect and Train widgets of one viewer share.
 
-    `get()` loads the bundled model on first use (thread-safe, callable from workers). `version`
-    changes whenever the weights do (another file, another device, fine-tuning), so cached results
-    made with older weights are recomputed."""
+    `get()` loads the weights (`path`; None: the bundled ones) on `device` with `precision` on first
+    use (thread-safe, callable from workers); `load` replaces the model when any of the three changes.
+    `version` changes whenever the model does (other weights, device or precision, fine-tuning), so
+    cached results made with the former one are recomputed."""
 
     changed = PsygnalSignal()
 
@@ -96,6 +89,7 @@ class CurrentModel:
         self._lock = threading.RLock()
         self._model: Model | None = None
         self.device = "auto"
+        self.precision = "float32"
         self.label = f"bundled ({BUNDLED_WEIGHTS})"
         self.path: Path | None = None  # None: the bundled weights
         self.unsaved = False           # fine-tuned weights that exist only in memory
@@ -104,28 +98,30 @@ class CurrentModel:
     def get(self) -> Model:
         with self._lock:
             if self._model is None:
-                self._model = Model.load(self.path, device=self.device)
+                self._model = Model.load(self.path, device=self.device, precision=self.precision)
             return self._model
 
-    def load(self, path: str | Path | None = None, device: str | None = None) -> Model:
-        """Loads weights (None: the bundled ones) on `device` (default: the current one); raises on error."""
+    def load(self, path: str | Path | None = None, device: str | None = None, precision: str | None = None) -> Model:
+        """Loads weights (None: the bundled ones) on `device` with `precision` (default: the current
+        ones); raises on error."""
         device = device or self.device
+        precision = precision or self.precision
         if path is not None:
             path = Path(path).expanduser()
             if path.is_dir() or str(path) in ("", "."):
                 raise UserError("choose a .safetensors weights file first")
-        model = Model.load(path, device=device)
+        model = Model.load(path, device=device, precision=precision)
         label = f"bundled ({BUNDLED_WEIGHTS})" if path is None else path.name
-        self.set(model, label, path=path, device=device)
+        with self._lock:
+            self.device, self.precision = device, precision
+        self.set(model, label, path=path)
         return model
 
-    def set(self, model: Model, label: str, *, path: Path | None = None, device: str | None = None,
-            unsaved: bool = False) -> None:
+    def set(self, model: Model, label: str, *, path: Path | None = None, unsaved: bool = False) -> None:
+        """Makes `model` (loaded with the current device and precision) the current model."""
         with self._lock:
             self._model = model
             self.label, self.path, self.unsaved = label, path, unsaved
-            if device is not None:
-                self.device = device
             self.version += 1
         self.changed.emit()
 
@@ -133,13 +129,20 @@ class CurrentModel:
         """A new Model with the current weights (what Train fine-tunes, so that Enhance and Detect
         can go on with the current model meanwhile)."""
         with self._lock:
-            path, device = self.path, self.device
-        return Model.load(path, device=device)
+            path, device, precision = self.path, self.device, self.precision
+        return Model.load(path, device=device, precision=precision)
 
     @property
     def description(self) -> str:
         device = self._model.device if self._model is not None else self.device
         return f"{self.label}{' (not saved)' if self.unsaved else ''} on {device}"
+
+    @property
+    def runs_on(self) -> str:
+        """The device the model runs on (or will, once loaded) and what it is, e.g. "cpu: CPU, oneDNN 3.2"."""
+        model = self._model
+        device = model.device if model is not None else resolve_device(self.device, self.precision)
+        return f"{device}: {probe(device)[1]}"
 
 
 _CURRENT: dict[int, CurrentModel] = {}
@@ -410,22 +413,28 @@ class _PlaneWriter:
 
 # ----------------------------------------------------------------------------- the model panel
 class ModelPanel(Container):
-    """Shows the shared current model; loads another weights file, the bundled one, or changes device."""
+    """Shows the shared current model; loads another weights file, the bundled one, or changes the
+    device or precision (the precision choice shows only where a GPU works: TF32 is GPU-only)."""
 
     def __init__(self, holder: CurrentModel):
         self.holder = holder
         self.info = Label(label="model")
         self.weights = FileEdit(label="weights", mode="r", filter="*.safetensors")
-        self.device = ComboBox(label="device", choices=available_devices(), value=holder.device)
+        choices = device_choices()
+        self.device = ComboBox(label="device", choices=choices, value=holder.device)
+        self.precision = ComboBox(label="precision", choices=list(PRECISIONS), value=holder.precision,
+                                  visible="cuda" in choices,
+                                  tooltip="tf32: TF32 tensor-core convolutions on the GPU (faster, less exact)")
         self.load_button = PushButton(text="Load weights")
         self.bundled_button = PushButton(text="Use bundled")
         buttons = Container(widgets=[self.load_button, self.bundled_button], layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
-        super().__init__(widgets=[self.info, self.weights, self.device, buttons], labels=True)
+        super().__init__(widgets=[self.info, self.weights, self.device, self.precision, buttons], labels=True)
         self.margins = (0, 0, 0, 0)
         self.load_button.changed.connect(self._load)
         self.bundled_button.changed.connect(self._bundled)
-        self.device.changed.connect(self._device)
+        self.device.changed.connect(lambda device: self._reload(device=device))
+        self.precision.changed.connect(lambda precision: self._reload(precision=precision))
         holder.changed.connect(self._refresh)
         self._refresh()
 
@@ -433,9 +442,11 @@ class ModelPanel(Container):
         try:
             self.info.value = self.holder.description
             self.info.tooltip = str(self.holder.path or "the published DeepSpot weights shipped with the package")
-            if self.device.value != self.holder.device:
-                with self.device.changed.blocked():
-                    self.device.value = self.holder.device
+            self.device.tooltip = f"runs on {self.holder.runs_on}"
+            for combo, value in ((self.device, self.holder.device), (self.precision, self.holder.precision)):
+                if combo.value != value:
+                    with combo.changed.blocked():
+                        combo.value = value
         except RuntimeError:  # widget deleted
             pass
 
@@ -452,19 +463,18 @@ class ModelPanel(Container):
         self.holder.load(None)
         show_info(f"DeepSpot model: {self.holder.description}")
 
-    def _device(self, device: str) -> None:
+    def _reload(self, **setting: str) -> None:
+        """Loads the current weights again with another device or precision, for every widget; on
+        failure, reports it and shows the current setting again."""
         holder = self.holder
-        if device == holder.device:
-            return
         try:
             label, unsaved = holder.label, holder.unsaved
-            holder.load(holder.path, device=device)
-            if unsaved:  # the same fine-tuned weights, on another device
-                holder.set(holder.get(), label, path=holder.path, device=device, unsaved=True)
+            holder.load(holder.path, **setting)
+            if unsaved:  # the same fine-tuned weights, on another device or precision
+                holder.set(holder.get(), label, path=holder.path, unsaved=True)
         except Exception as exc:  # noqa: BLE001
-            _report(exc, f"device {device}")
-            with self.device.changed.blocked():
-                self.device.value = holder.device
+            _report(exc, ", ".join(f"{name} {value}" for name, value in setting.items()))
+            self._refresh()
 
 
 # ----------------------------------------------------------------------------- Enhance

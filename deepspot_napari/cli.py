@@ -64,8 +64,13 @@ class BatchReport:
 
 
 def _load_model(args):
+    """The model of --weights on --device with --precision; says on stderr where it runs (unless -q)."""
+    from .devices import probe
     from .model import Model
-    return Model.load(args.weights, device=args.device)
+    model = Model.load(args.weights, device=args.device, precision=args.precision)
+    if not args.quiet:
+        print(f"deepspot: device: {model.device} ({probe(model.device)[1]}), {model.precision}", file=sys.stderr)
+    return model
 
 
 def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[[Path, dict[str, Path], Progress], str],
@@ -118,7 +123,8 @@ def _file_job(args, path: Path, targets: dict[str, Path], enhance: bool, detect:
                    enhance=enhance, detect=detect, tile_size=getattr(args, "tile_size", 512),
                    detection=_detection_overrides(args) if detect else {}, block_size=args.block_size,
                    overwrite=bool(args.overwrite or args.resume),
-                   weights=str(Path(weights).resolve()) if weights else None, device=getattr(args, "device", "auto"))
+                   weights=str(Path(weights).resolve()) if weights else None, device=getattr(args, "device", "auto"),
+                   precision=getattr(args, "precision", "float32"))
 
 
 def _process_batch(args, outputs, enhance: bool, detect: bool) -> int:
@@ -215,7 +221,7 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     image, truth = read_image(sample_image_path()), read_spots_csv(sample_spots_path())
     model = _load_model(args)
-    print(f"model: {model.path.name} ({model.num_parameters:,} parameters, {model.device})")
+    print(f"model: {model.path.name} ({model.num_parameters:,} parameters, {model.device}, {model.precision})")
     print(f"image: {sample_image_path().name} {image.shape} {image.dtype}, {len(truth)} annotated spots")
     start = time.perf_counter()
     enhanced = model.enhance(image, progress=Progress("enhance", args.quiet))
@@ -258,7 +264,8 @@ def cmd_evaluate(args) -> int:
     model = _load_model(args)
     results = evaluate.run_evaluation(datasets, methods, model, progress=Progress("evaluate", args.quiet), notes=notes,
                                       tile_size=args.tile_size)
-    preamble = [f"Model: `{model.path.name}` ({model.num_parameters:,} parameters, {model.device}). Detection on "
+    preamble = [f"Model: `{model.path.name}` ({model.num_parameters:,} parameters, {model.device}, "
+                f"{model.precision}). Detection on "
                 f"enhanced images: `{params}`."]
     if args.simulated:
         preamble.append(f"Simulated test sets: simulate.paper_test_sets(seed={args.seed}), {args.n_images} images of "
@@ -272,7 +279,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_train(args) -> int:
     from . import evaluate
-    from .model import Model
     from .simulate import simulate_image
     from .train import save_training_curves
     images, points = [], []
@@ -291,7 +297,7 @@ def cmd_train(args) -> int:
     out = Path(args.output)
     if (out / "state.json").exists() and not args.resume:
         raise ValueError(f"{out} holds a training run: pass --resume to continue it, or choose another folder")
-    model = Model.load(args.weights, device=args.device)
+    model = _load_model(args)
     print(f"training {'from scratch' if args.from_scratch else 'from ' + model.path.name} on {len(images)} images"
           f"{f' + {args.simulate} simulated per epoch' if args.simulate else ''}; checkpoints in {out}")
     history = model.fit(images, points, epochs=args.epochs, batch_size=args.batch_size,
@@ -311,6 +317,7 @@ def cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .devices import DEVICES, PRECISIONS
     from .model import DEFAULT_TILE_SIZE
     parser = argparse.ArgumentParser(
         prog="deepspot", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -322,8 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if model:
             p.add_argument("--weights", help="a .safetensors model (default: the bundled published model)")
-            p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                           help="where the network runs (default: auto = the GPU when one works)")
+            p.add_argument("--device", default="auto", choices=DEVICES,
+                           help="where the network runs (default: auto = the GPU when one works here, else the CPU)")
+            p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                           help="the convolutions' arithmetic: float32 (default), or tf32 (TF32 tensor cores, "
+                                "10-bit mantissa; GPU only)")
             p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
                            help="window side in pixels for large images; results equal a whole-image pass")
 

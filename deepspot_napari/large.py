@@ -173,7 +173,8 @@ class BlockSpec:
     enhance: bool = True                 # False: the source is already enhanced (detect only)
     model: object = None                 # a Model (local); None on a worker: loaded from weights
     weights: str | None = None
-    device: str = "auto"
+    device: str = "auto"                 # with precision: how a worker loads the model (Model.load)
+    precision: str = "float32"
     max_values: np.ndarray | None = None  # per-plane maximum of the whole image (enhance)
     detection: DetectionParams | None = None
     raw: object = None                   # detect only: the raw image sampled for intensities
@@ -207,7 +208,7 @@ def block_task(spec: BlockSpec, core: Core) -> BlockResult:
     model = spec.model
     if spec.enhance and model is None:
         from .distributed import worker_model
-        model = worker_model(spec.weights, spec.device)
+        model = worker_model(spec.weights, spec.device, spec.precision)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(_Opened(spec.source))
         raw_source = stack.enter_context(_Opened(spec.raw))
@@ -368,7 +369,7 @@ def run_blocks(source, *, model=None, enhance: bool = True, target=None, detecti
                raw=None, block_size: int = DEFAULT_BLOCK_SIZE, halo: int = HALO_PX,
                tile_size: int | None = DEFAULT_TILE_SIZE,
                batch_size: int = DEFAULT_BATCH_SIZE, mapper: Mapper | None = None, source_ref=None, raw_ref=None, target_ref=None,
-               weights: str | None = None, device: str = "auto",
+               weights: str | None = None, device: str = "auto", precision: str = "float32",
                progress: Callable[[int, int], None] | None = None,
                cancel: Callable[[], bool] | None = None) -> Spots | None:
     """Enhances (enhance=True, with `model`) and/or detects (`detection` set) every block of
@@ -377,7 +378,7 @@ def run_blocks(source, *, model=None, enhance: bool = True, target=None, detecti
 
     mapper: how the tasks run (default: here, one after the other). A distributed mapper gets
     the task functions with source_ref/raw_ref/target_ref (paths its workers open) in place of
-    the live source, raw and target, and weights/device in place of the model."""
+    the live source, raw and target, and weights/device/precision in place of the model."""
     source = as_source(source)
     block_size = check_block_size(block_size)
     halo = check_halo(halo)
@@ -399,7 +400,7 @@ def run_blocks(source, *, model=None, enhance: bool = True, target=None, detecti
         max_values = high
     collect = remote and target is not None and target_ref is None
     spec = BlockSpec(source=source_ref if remote else source, enhance=enhance, model=None if remote else model,
-                     weights=weights, device=device, max_values=max_values, detection=detection,
+                     weights=weights, device=device, precision=precision, max_values=max_values, detection=detection,
                      raw=(raw_ref if remote else raw), target=target_ref if remote else target,
                      return_core=collect, halo=halo,
                      margin=detection_margin(detection) if detection is not None else 0,
@@ -471,8 +472,9 @@ class FileJob:
     block_size: int | None = None  # None: blocks only for Zarr inputs and images over LARGE_IMAGE_PIXELS
     halo: int = HALO_PX
     overwrite: bool = False        # replace outputs that exist (the CLI checks before it starts)
-    weights: str | None = None     # the model, for Dask workers
+    weights: str | None = None     # the model, for Dask workers: Model.load(weights, device=, precision=)
     device: str = "auto"
+    precision: str = "float32"
 
 
 def blocked_size(path: str | Path, block_size: int | None = None) -> int | None:
@@ -518,7 +520,7 @@ def process_file(job: FileJob, model=None, progress: Callable[[int, int], None] 
     Model.detect), Zarr and large ones through run_blocks. mapper: see run_blocks (Dask)."""
     if job.enhance and model is None and mapper is None:
         from .distributed import worker_model
-        model = worker_model(job.weights, job.device)
+        model = worker_model(job.weights, job.device, job.precision)
     block_size = blocked_size(job.path, job.block_size)
     if block_size is None:
         return _process_in_memory(job, model, progress, cancel)
@@ -561,6 +563,7 @@ def _process_blocked(job: FileJob, model, block_size: int, progress, cancel, map
         common = dict(model=model, enhance=job.enhance, detection=detection, block_size=block_size, halo=job.halo,
                       tile_size=job.tile_size, batch_size=job.batch_size, mapper=mapper,
                       source_ref=str(job.path) if remote else None, weights=job.weights, device=job.device,
+                      precision=job.precision,
                       progress=progress, cancel=cancel)
         if detection is not None and source.ndim > 3:
             raise ValueError(f"image has shape {source.shape}; detection expects a 2D image (Y, X) or a z-stack "

@@ -1,6 +1,7 @@
 """The plain Python API that the CLI and the napari widgets both call: Model.load / enhance /
 detect. Tiling, blending and stacks are bookkeeping done here; the network runs in the C core
-(deepspot_napari._core, oneDNN on CPU) with the GIL released."""
+(deepspot_napari._core, oneDNN on CPU, or deepspot_napari._core_cuda, cuDNN on an NVIDIA GPU; see
+devices.py) with the GIL released."""
 from __future__ import annotations
 
 import threading
@@ -9,8 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import _core
 from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
+from .devices import core_module, resolve_device
 from .images import as_image_stack, scale_plane
 
 BUNDLED_WEIGHTS = "deepspot_hybrid.safetensors"
@@ -85,35 +86,45 @@ def _count_windows(shape: tuple[int, int], window: int, halo: int, batch_size: i
 
 
 class Model:
-    """A DeepSpot network loaded from a safetensors file.
+    """A DeepSpot network loaded from a safetensors file, on one device ("cpu" or "cuda").
 
     `enhance` is thread-safe (calls are serialised); the GIL is released while the network runs."""
 
-    def __init__(self, network: "_core.Network", path: Path, device: str):
+    def __init__(self, network, path: Path, device: str):
         self._network = network
+        self._core = core_module(device)
         self.path = path
         self.device = device
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto") -> "Model":
-        """Loads weights (None = the bundled published model). device: "auto", "cpu" or "cuda"."""
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            raise RuntimeError("device='cuda' requested but this build has no working CUDA backend; use 'cpu' or 'auto'")
+    def load(cls, path: str | Path | None = None, *, device: str = "auto", precision: str = "float32") -> "Model":
+        """Loads weights (None = the bundled published model). device: "auto" (the GPU when one
+        works here, else the CPU), "cpu" or "cuda"; precision: "float32", or "tf32" (TF32 tensor-core
+        convolutions, GPU only). See devices.resolve_device for the errors."""
+        device = resolve_device(device, precision)
         path = bundled_weights_path() if path is None else Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
-        return cls(_core.Network(str(path)), path, "cpu")
+        return cls(core_module(device).Network(str(path), math=precision), path, device)
+
+    @property
+    def precision(self) -> str:
+        """The convolutions' arithmetic: "float32" or "tf32"."""
+        return self._network.math
 
     @property
     def num_parameters(self) -> int:
         return self._network.num_parameters
 
+    def make_trainer(self, **options):
+        """A C-core Trainer of this model's network on its device and precision (options: the
+        Trainer's keywords, e.g. learning_rate, dropout, max_term, seed)."""
+        return self._core.Trainer(self._network, **options)
+
     def forward(self, batch: np.ndarray, first_stage: int = ENCODER, last_stage: int = DECODER) -> np.ndarray:
         """The raw network on an NHWC float32 batch: from the encoder, a [n, h, w, 1] image already
-        scaled to [0, 1] with sides multiples of 8; see _core.Network.forward for the stages."""
+        scaled to [0, 1] with sides multiples of 8; see the C core's Network.forward for the stages."""
         with self._lock:
             return self._network.forward(np.ascontiguousarray(batch, dtype=np.float32), first_stage, last_stage)
 
@@ -123,8 +134,8 @@ class Model:
         deepspot_napari.train.fit for every option (batch_size, learning_rate, validation_split, seed,
         max_term, dropout, checkpoint_dir, resume, patience, progress, cancel, simulate, ...).
         The trained network replaces this model's under its lock when training ends (an enhance()
-        running meanwhile finishes with the old one); with a checkpoint_dir, `path` becomes its
-        best.safetensors."""
+        running meanwhile finishes with the old one) and stays on this model's device and
+        precision; with a checkpoint_dir, `path` becomes its best.safetensors."""
         from .train import fit as train_fit
         kwargs.pop("return_trainer", None)
         history, trainer = train_fit(self, images, points, epochs=epochs, return_trainer=True, **kwargs)

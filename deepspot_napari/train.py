@@ -1,9 +1,10 @@
 """Training DeepSpot on annotated images: `fit` (and `Model.fit`, which calls it).
 
-Every numeric step of training runs in the C core (`_core.Trainer`: forward in training mode,
-loss, backward, Adam; csrc/train.c); this module prepares the data (patches, targets), splits
-off validation, runs the epochs, validates (loss and detection F1), checkpoints, resumes and
-stops early. REFERENCE_MODEL.md sections 2-3 give the recipe it follows.
+Every numeric step of training runs in the C core (its Trainer, on the model's device and
+precision: forward in training mode, loss, backward, Adam; csrc/train.c); this module prepares
+the data (patches, targets), splits off validation, runs the epochs, validates (loss and
+detection F1), checkpoints, resumes and stops early. REFERENCE_MODEL.md sections 2-3 give the
+recipe it follows.
 
 Data: each image is divided by its own maximum; its target e(X) is the image on the 0..255 scale
 with the 3x3 stamp [[200,230,200],[230,255,230],[200,230,200]] written at every annotated spot,
@@ -32,7 +33,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _core
 from .safetensors_io import save_safetensors
 
 __all__ = ["fit", "History", "initial_parameters", "make_training_pair", "save_training_curves",
@@ -287,14 +287,9 @@ def _validate(trainer, data: _Data, batch_size: int, detection) -> tuple[float, 
 
 # ---------------------------------------------------------------------------------------------- fit
 
-def _resolve_network(model_or_path):
-    from .model import Model, bundled_weights_path
-    if isinstance(model_or_path, Model):
-        return model_or_path._network
-    path = bundled_weights_path() if model_or_path is None else Path(model_or_path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    return _core.Network(str(path))
+def _resolve_model(model_or_path):
+    from .model import Model
+    return model_or_path if isinstance(model_or_path, Model) else Model.load(model_or_path)
 
 
 def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: int = 8,
@@ -308,8 +303,9 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
     (y, x) pixel positions, one per image) and returns a History (and the trainer if
     return_trainer; `trainer.to_network()` gives the trained inference network).
 
-    model_or_path: a Model, a safetensors weights path, or None for the bundled published weights;
-    from_scratch=True replaces them by Keras' default initialisation (seeded).
+    model_or_path: a Model (training runs on its device and precision), a safetensors weights path,
+    or None for the bundled published weights (both loaded with Model.load's defaults: device "auto",
+    float32); from_scratch=True replaces them by Keras' default initialisation (seeded).
     epochs, batch_size, learning_rate (Adam, beta 0.9/0.999, epsilon 1e-7), dropout (spatial dropout
     rate), max_term ("batch": the authors' code, "per_image": the paper, "none"): the recipe.
     validation_split: fraction of the patches held out (seeded); validated after each epoch in
@@ -350,8 +346,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
     train = _Data(data.x[train_idx], data.t[train_idx], [data.points[i] for i in train_idx])
     val = _Data(data.x[val_idx], data.t[val_idx], [data.points[i] for i in val_idx])
 
-    network = _resolve_network(model_or_path)
-    trainer = _core.Trainer(network, learning_rate=learning_rate, dropout=dropout, max_term=max_term, seed=seed)
+    trainer = _resolve_model(model_or_path).make_trainer(learning_rate=learning_rate, dropout=dropout,
+                                                         max_term=max_term, seed=seed)
     if from_scratch:
         for name, value in initial_parameters(trainer, seed).items():
             trainer.set(name, value)

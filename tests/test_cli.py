@@ -99,6 +99,34 @@ def test_bad_arguments_give_clear_errors(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_device_choice_and_its_errors(images, tmp_path, capsys, monkeypatch):
+    """--device cpu runs and says so once on stderr; an unknown device is refused by the parser;
+    TF32 on the CPU and a GPU that does not work end as the usual one-line error (exit code 2)."""
+    from deepspot_napari import devices
+    source = str(images / "field0.tif")
+    assert main(["enhance", source, "-o", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert capsys.readouterr().err.count(f"deepspot: device: cpu ({devices.probe('cpu')[1]}), float32") == 1
+    assert (tmp_path / "cpu" / "field0.enhanced.tif").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["enhance", source, "-o", str(tmp_path / "bogus"), "--device", "bogus"])
+    assert exit_info.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert main(["enhance", source, "-o", str(tmp_path / "tf32"), "--device", "cpu", "--precision", "tf32"]) == 2
+    assert "deepspot enhance: error: precision 'tf32' needs the GPU backend" in capsys.readouterr().err
+    monkeypatch.setattr(devices, "probe", lambda device: (False, "no usable CUDA device: simulated"))
+    assert main(["run", source, "-o", str(tmp_path / "cuda"), "--device", "cuda"]) == 2
+    assert "deepspot run: error: device 'cuda' requested but it cannot run here: no usable CUDA device: simulated" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "tf32").exists() and not (tmp_path / "cuda").exists()  # refused before any output
+
+
+@pytest.mark.parametrize("command", ["demo", "enhance", "run", "train", "evaluate"])
+def test_every_model_command_takes_device_and_precision(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    usage = capsys.readouterr().out
+    assert "--device {auto,cpu,cuda}" in usage and "--precision {float32,tf32}" in usage
+
+
 def test_help_runs_as_a_program(tmp_path):
     """As a separate program, importing the same deepspot_napari as this test (installed or in-tree)."""
     env = {**os.environ, "PYTHONPATH": str(Path(deepspot_napari.__file__).parent.parent)}

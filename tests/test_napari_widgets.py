@@ -333,6 +333,50 @@ def test_one_current_model_shared_by_the_widgets(viewer, tmp_path):
     assert holder.path is None and enhance.model_panel.info.value.startswith("bundled")
 
 
+def test_device_choices_are_the_working_devices(viewer, messages):
+    """Without a simulated GPU: "auto" and "cpu" (plus "cuda" only if one works here), the resolved
+    device's description as the tooltip, and a setting the Model refuses (TF32 on the CPU) reported
+    as a notification with the choice put back."""
+    from deepspot_napari.devices import probe
+    enhance = EnhanceWidget(viewer)
+    panel, holder = enhance.model_panel, current_model(viewer)
+    gpu_works = probe("cuda")[0]
+    assert list(panel.device.choices) == ["auto", "cpu"] + (["cuda"] if gpu_works else [])
+    assert panel.device.value == "auto" and panel.precision.native.isHidden() != gpu_works  # TF32: GPU only
+    resolved = "cuda" if gpu_works else "cpu"
+    assert panel.device.tooltip == f"runs on {resolved}: {probe(resolved)[1]}"
+    panel.device.value = "cpu"
+    panel.precision.value = "tf32"
+    assert "precision tf32: precision 'tf32' needs the GPU backend" in errors(messages)[-1]
+    assert (holder.device, holder.precision, panel.precision.value) == ("cpu", "float32", "float32")
+
+
+def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatch):
+    """With a simulated working GPU: "cuda" is offered in every widget, and the choices go to
+    Model.load as they are (recorded here; the model returned is the CPU one)."""
+    from deepspot_napari import _widgets
+    monkeypatch.setattr(_widgets, "available_devices", lambda: [("cpu", "CPU, test"), ("cuda", "Fake GPU")])
+    loads = []
+
+    def load(path=None, *, device="auto", precision="float32"):
+        loads.append((path, device, precision))
+        return model
+
+    monkeypatch.setattr(Model, "load", load)
+    enhance, detect, train = EnhanceWidget(viewer), DetectWidget(viewer), TrainWidget(viewer)
+    for widget in (enhance, detect, train):
+        assert list(widget.model_panel.device.choices) == ["auto", "cpu", "cuda"]
+        assert not widget.model_panel.precision.native.isHidden()
+    holder = current_model(viewer)
+    version = holder.version
+    detect.model_panel.device.value = "cuda"
+    train.model_panel.precision.value = "tf32"
+    assert loads == [(None, "cuda", "float32"), (None, "cuda", "tf32")]
+    assert (holder.device, holder.precision) == ("cuda", "tf32") and holder.version == version + 2
+    assert enhance.model_panel.device.value == "cuda" and enhance.model_panel.precision.value == "tf32"
+    assert holder.copy() is model and loads[-1] == (None, "cuda", "tf32")  # what Train fine-tunes
+
+
 def test_loss_plot_draws_a_history(viewer):
     train = TrainWidget(viewer)
     train._show_history([{"loss": 0.9, "val_loss": 1.0, "val_f1": 0.2}, {"loss": 0.5, "val_loss": 0.7, "val_f1": 0.6}])

@@ -1,0 +1,80 @@
+"""Where the network runs: the one place that chooses between the C core's two builds.
+
+The same C sources are compiled into two extension modules with the same Python API:
+`deepspot_napari._core` (CPU, oneDNN; always installed) and `deepspot_napari._core_cuda` (NVIDIA
+GPUs, cuDNN; built only where the CUDA toolkit was present). The GPU module may be missing, may fail
+to import (no CUDA libraries here) or may import on a machine without a usable GPU: `probe` says
+which, once per process, and `resolve_device("auto")` then falls back to the CPU.
+
+Precision: "float32" everywhere, or "tf32" (TF32 tensor-core convolutions with float32 weights and
+activations) on the GPU only."""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("float32", "tf32")
+_CORE_MODULES = {"cpu": "deepspot_napari._core", "cuda": "deepspot_napari._core_cuda"}
+
+
+def _check_choice(what: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def core_module(device: str) -> ModuleType:
+    """The extension module of a concrete device ("cpu" or "cuda"). Raises RuntimeError when the
+    CUDA module is not built or not installed, or cannot be loaded here (the reason is in the message)."""
+    _check_choice("device", device, tuple(_CORE_MODULES))
+    try:
+        return importlib.import_module(_CORE_MODULES[device])
+    except ImportError as exc:
+        if device == "cpu":
+            raise
+        raise RuntimeError("the CUDA backend is not available: deepspot_napari._core_cuda is not built or not "
+                           f"installed, or its CUDA libraries cannot be loaded ({exc}); it is built only where "
+                           "the CUDA toolkit is present") from exc
+
+
+@functools.lru_cache(maxsize=None)
+def probe(device: str) -> tuple[bool, str]:
+    """(True, a one-line description of the device) when `device` ("cpu" or "cuda") can run here,
+    else (False, why not). Never raises for a valid device name; the answer is cached (probe.cache_clear
+    forgets it)."""
+    _check_choice("device", device, tuple(_CORE_MODULES))
+    try:
+        return True, core_module(device).probe()
+    except RuntimeError as exc:
+        return False, str(exc)
+
+
+def available_devices() -> list[tuple[str, str]]:
+    """(name, description) of every device that works here: "cpu" always, "cuda" when a GPU does."""
+    found = [("cpu", probe("cpu")[1])]
+    works, description = probe("cuda")
+    if works:
+        found.append(("cuda", description))
+    return found
+
+
+def resolve_device(device: str = "auto", precision: str = "float32") -> str:
+    """The concrete device ("cpu" or "cuda") for a requested one: "auto" is the GPU when it works,
+    else the CPU. Raises ValueError for an unknown device or precision, or for "tf32" without the GPU,
+    and RuntimeError when "cuda" is asked for but cannot run here."""
+    _check_choice("device", device, DEVICES)
+    _check_choice("precision", precision, PRECISIONS)
+    if device == "cpu":
+        resolved = "cpu"
+    else:
+        gpu_works, reason = probe("cuda")
+        if device == "cuda" and not gpu_works:
+            raise RuntimeError(f"device 'cuda' requested but it cannot run here: {reason}; "
+                               "use device='cpu' or 'auto'")
+        resolved = "cuda" if gpu_works else "cpu"
+    if precision == "tf32" and resolved != "cuda":
+        why = "" if device == "cpu" else f" (no usable GPU here: {probe('cuda')[1]})"
+        raise ValueError(f"precision 'tf32' needs the GPU backend (device 'cuda'), but the network would run on "
+                         f"the CPU{why}; use precision='float32'")
+    return resolved
