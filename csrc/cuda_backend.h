@@ -4,6 +4,8 @@
 #ifndef DS_CUDA_BACKEND_H
 #define DS_CUDA_BACKEND_H
 
+#include <math.h>
+
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
@@ -47,6 +49,23 @@ static inline unsigned ds_blocks(size_t n)
 {
     size_t blocks = (n + DS_THREADS - 1) / DS_THREADS;
     return (unsigned)(blocks < 65535u * 32u ? (blocks ? blocks : 1) : 65535u * 32u); /* grid-stride loops do the rest */
+}
+
+/* i runs over [0, n), shared by `workers` blocks of which this block is number `worker`: neighbouring
+ * threads take neighbouring values (coalesced), and a grid of bounded size covers any n. */
+#define STRIDED_LOOP(i, n, worker, workers)                                                                    \
+    for (size_t i = (size_t)(worker) * blockDim.x + threadIdx.x; i < (n); i += (size_t)(workers) * blockDim.x)
+#define GRID_STRIDE_LOOP(i, n) STRIDED_LOOP(i, n, blockIdx.x, gridDim.x)
+
+/* kernels.c's sigmoidf, stable for either sign. Its expf (glibc) is within 0.502 ulp, CUDA's expf within
+ * 2: exp in double rounded to float gives glibc's value in almost every case, which matters where the
+ * loss compares probabilities for equality (ties of the maximum). */
+static __device__ inline float ds_sigmoid(float z)
+{
+    if (z >= 0.0f)
+        return 1.0f / (1.0f + (float)exp(-(double)z));
+    float e = (float)exp((double)z);
+    return e / (1.0f + e);
 }
 
 /* Makes the shared workspace at least `bytes` long (called while ops are created). */

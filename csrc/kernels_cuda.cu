@@ -10,12 +10,6 @@
 #include <math.h>
 #include <stdint.h>
 
-/* i runs over [0, n), shared by `workers` blocks of which this block is number `worker`: neighbouring
- * threads take neighbouring values (coalesced), and a grid of bounded size covers any n. */
-#define STRIDED_LOOP(i, n, worker, workers)                                                                    \
-    for (size_t i = (size_t)(worker) * blockDim.x + threadIdx.x; i < (n); i += (size_t)(workers) * blockDim.x)
-#define GRID_STRIDE_LOOP(i, n) STRIDED_LOOP(i, n, blockIdx.x, gridDim.x)
-
 /* ---- element-wise ---- */
 
 static __global__ void add_kernel(float *dst, const float *a, const float *b, size_t n)
@@ -246,16 +240,6 @@ static __device__ loss_sums block_merge(loss_sums sums)
     return sums;
 }
 
-/* kernels.c's sigmoidf. Its expf (glibc) is within 0.502 ulp, CUDA's expf within 2: exp in double rounded
- * to float gives glibc's value almost everywhere, which matters since ties of the maximum compare p exactly. */
-static __device__ float sigmoid(float z)
-{
-    if (z >= 0.0f)
-        return 1.0f / (1.0f + (float)exp(-(double)z));
-    float e = (float)exp((double)z);
-    return e / (1.0f + e);
-}
-
 #define BCE_EPSILON 1e-7f /* Keras backend.epsilon() */
 
 /* The BCE of one value and its derivative by z, as kernels.c computes them. */
@@ -280,7 +264,7 @@ static __global__ void loss_values(loss_sums *partials, float *pred, float *dlog
     loss_sums sums = no_values();
     STRIDED_LOOP(k, row_len, blockIdx.x % chunks, chunks) {
         size_t i = row_start + k;
-        float z = logits[i], t = target[i], p = sigmoid(z);
+        float z = logits[i], t = target[i], p = ds_sigmoid(z);
         double grad;
         loss_sums value = {bce_value(z, t, p, bce_mode, &grad), p, t, 1};
         sums = merge_sums(sums, value);
@@ -339,7 +323,7 @@ static __global__ void loss_max_gradient(float *dlogits, const float *logits, co
     size_t row_start = (size_t)row * row_len;
     STRIDED_LOOP(k, row_len, blockIdx.x % chunks, chunks) {
         size_t i = row_start + k;
-        float p = sigmoid(logits[i]);
+        float p = ds_sigmoid(logits[i]);
         if (p == max_p)
             dlogits[i] += (float)(tie_share * ((double)p * (1.0 - (double)p)));
     }

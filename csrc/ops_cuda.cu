@@ -14,9 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define GRID_STRIDE_LOOP(i, n)                                                                                 \
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (size_t)blockDim.x * gridDim.x)
-
 /* The most workspace one cuDNN algorithm may take; faster algorithms beyond it are skipped. */
 #define WORKSPACE_CAP ((size_t)256 << 20)
 
@@ -240,15 +237,6 @@ static __global__ void pad_kernel(float *padded, const float *src, padded_shape 
     }
 }
 
-/* as kernels.c: no overflow of expf for either sign */
-static __device__ float stable_sigmoid(float z)
-{
-    if (z >= 0.0f)
-        return 1.0f / (1.0f + expf(-z));
-    float e = expf(z);
-    return e / (1.0f + e);
-}
-
 /* dst = act(conv cropped to dst + bias + (accumulate ? dst : 0)), conv laid out as s with its padding;
  * conv may be dst itself when s has none (each value is read before it is written, by the same thread). */
 static __global__ void conv_epilogue_kernel(float *dst, const float *conv, padded_shape s, const float *bias,
@@ -270,7 +258,7 @@ static __global__ void conv_epilogue_kernel(float *dst, const float *conv, padde
         if (post & POST_RELU)
             v = v < 0.0f ? 0.0f : v; /* NaN passes, as on the CPU */
         if (post & POST_SIGMOID)
-            v = stable_sigmoid(v);
+            v = ds_sigmoid(v);
         dst[i] = v;
     }
 }
