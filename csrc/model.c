@@ -634,32 +634,35 @@ void model_param_table(model_params *p, ds_param_table *out)
     }
 }
 
+/* Each tensor of a parameter arena starts on a multiple of this many floats (64 bytes), so that a backend
+ * can hand any of them to its library directly (cuDNN reads the batch-norm parameters in place). */
+#define PARAM_ALIGN_FLOATS 16
+
+static size_t aligned_count(const param_entry *e)
+{
+    return (entry_count(e) + PARAM_ALIGN_FLOATS - 1) / PARAM_ALIGN_FLOATS * PARAM_ALIGN_FLOATS;
+}
+
 size_t model_param_floats(void)
 {
     model_params p;
-    param_table *t = malloc(sizeof *t);
-    if (!t)
-        return 0;
-    params_table(&p, t);
+    param_table t;
+    params_table(&p, &t);
     size_t n = 0;
-    for (int i = 0; i < t->count; i++)
-        n += entry_count(&t->entries[i]);
-    free(t);
+    for (int i = 0; i < t.count; i++)
+        n += aligned_count(&t.entries[i]);
     return n;
 }
 
 void model_params_bind(model_params *p, float *arena)
 {
-    param_table *t = malloc(sizeof *t);
-    if (!t)
-        return;
-    params_table(p, t);
+    param_table t;
+    params_table(p, &t);
     size_t offset = 0;
-    for (int i = 0; i < t->count; i++) {
-        *t->entries[i].slot = arena + offset;
-        offset += entry_count(&t->entries[i]);
+    for (int i = 0; i < t.count; i++) {
+        *t.entries[i].slot = arena + offset;
+        offset += aligned_count(&t.entries[i]);
     }
-    free(t);
 }
 
 ds_status model_from_parameters(ds_model **out, const model_params *src, int math_mode)

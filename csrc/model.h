@@ -92,9 +92,9 @@ typedef struct {
 /* Every tensor of the architecture in its fixed order (the order of model_params_bind). Also fills
  * p's channel and kernel fields; p's pointers are only referenced, not read. */
 void model_param_table(model_params *p, ds_param_table *table);
-/* Number of floats of all tensors together (4,037,249). */
+/* Floats of an arena holding every tensor, each aligned to 64 bytes (4,037,249 values plus alignment). */
 size_t model_param_floats(void);
-/* Points every tensor of p into arena (model_param_floats() floats), in table order. */
+/* Points every tensor of p into arena (model_param_floats() floats), in table order, 64-byte aligned. */
 void model_params_bind(model_params *p, float *arena);
 /* An inference model from parameters in host memory (copied; p's pointers must all be set). */
 ds_status model_from_parameters(ds_model **model, const model_params *p, int math_mode);
