@@ -4,6 +4,7 @@ detect. Tiling, blending and stacks are bookkeeping done here; the network runs 
 devices.py) with the GIL released."""
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Callable
@@ -44,11 +45,17 @@ ENCODER, TRUNK, DECODER = 0, 1, 2
 
 
 def _windows(length: int, window: int, halo: int) -> list[tuple[int, int, int, int]]:
-    """Covers [0, length) with input windows [start, start + window) and the parts
+    """Covers [0, length) with input windows [start, start + size) and the parts
     [keep_start, keep_stop) taken from each: at least `halo` away from a window edge unless that
-    edge is the image's own. Starts stay multiples of gcd(window, halo, length)."""
+    edge is the image's own. As few windows as `window` allows, all of one size (one plan), shrunk
+    so that they overlap no more than the halos need. Starts stay multiples of gcd(window, halo, length)."""
     if length <= window:
         return [(0, length, 0, length)]
+    # n windows of size w keep 2 (w - halo) + (n - 2) (w - 2 halo) = n w - 2 halo (n - 1) pixels
+    count = 2 + max(0, -(-(length - 2 * (window - halo)) // (window - 2 * halo)))
+    align = math.gcd(window, halo, length)
+    needed = -(-(length + 2 * halo * (count - 1)) // count)
+    window = min(window, -(-needed // align) * align)
     spans, keep_start = [], 0
     while keep_start < length:
         start = min(max(keep_start - halo, 0), length - window)
