@@ -109,12 +109,15 @@ ds_status backend_reserve_workspace(ds_backend *backend, size_t bytes)
 {
     if (bytes <= backend->workspace_bytes)
         return DS_OK;
-    CUDA_TRY(cudaStreamSynchronize(backend->stream)); /* queued ops may still use the old workspace */
-    cudaFree(backend->workspace);
-    backend->workspace = NULL;
-    backend->workspace_bytes = 0;
+    /* the new one first: if it cannot be had, the ops built so far keep the workspace they were sized for */
     void *workspace = NULL;
     CUDA_TRY(cudaMalloc(&workspace, bytes));
+    cudaError_t rc = cudaStreamSynchronize(backend->stream); /* queued ops may still use the old one */
+    if (rc != cudaSuccess) {
+        cudaFree(workspace);
+        return ds_fail(DS_ERR_BACKEND, "CUDA: %s", cudaGetErrorString(rc));
+    }
+    cudaFree(backend->workspace);
     backend->workspace = workspace;
     backend->workspace_bytes = bytes;
     return DS_OK;
@@ -757,14 +760,15 @@ static __global__ void biased_variance_kernel(float *variance, int channels, siz
         variance[c] = pixels > 1 ? variance[c] * (float)((double)(pixels - 1) / (double)pixels) : 0.0f;
 }
 
-/* The fused ReLU's backward: ddst = 0 where the pre-activation, recomputed, was not positive. */
-static __global__ void batchnorm_relu_mask_kernel(float *ddst, const float *src, const float *mean,
-                                                  const float *variance, const float *gamma, const float *beta,
-                                                  float epsilon, size_t count, int channels)
+/* The fused ReLU's backward: ddst = 0 where the pre-activation, recomputed from the forward's own saved
+ * mean and 1 / sqrt(variance + epsilon) (cuDNN's "inverse variance") as cuDNN computed it, was not positive. */
+static __global__ void batchnorm_relu_mask_kernel(float *ddst, const float *src, const float *saved_mean,
+                                                  const float *saved_inv_std, const float *gamma, const float *beta,
+                                                  size_t count, int channels)
 {
     GRID_STRIDE_LOOP(i, count) {
         int c = (int)(i % channels);
-        float pre = gamma[c] * (src[i] - mean[c]) / sqrtf(variance[c] + epsilon) + beta[c];
+        float pre = gamma[c] * (src[i] - saved_mean[c]) * saved_inv_std[c] + beta[c];
         if (!(pre > 0.0f))
             ddst[i] = 0.0f;
     }
@@ -1179,7 +1183,7 @@ ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float 
     ds_backend *b = op->backend;
     if (op->relu) {
         batchnorm_relu_mask_kernel<<<ds_blocks(op->values), DS_THREADS, 0, b->stream>>>(
-            ddst, src, mean, variance, gamma, beta, op->epsilon, op->values, op->channels);
+            ddst, src, op->saved_mean, op->saved_inv_variance, gamma, beta, op->values, op->channels);
         LAUNCH_TRY();
     }
     const float one = 1.0f, zero = 0.0f;
