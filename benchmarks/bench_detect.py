@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from checkout import import_package  # noqa: E402  (benchmarks/ is the script's directory)
+
+import_package()
 from deepspot_napari.detect import DEFAULT_DETECTION, detect_spots  # noqa: E402
 
 B3 = np.array([1, 4, 6, 4, 1], np.float32) / 16

@@ -42,8 +42,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+sys.path.insert(0, str(HERE))
+from checkout import import_package  # noqa: E402
+
+import_package()
 
 PATCH = 256
 WHOLE_IMAGE = 2048

@@ -37,8 +37,11 @@ def _median_ms(call, repeats: int, warmup: int = 2) -> float:
 
 def measure_ours(repeats: int) -> dict:
     import numpy as np
+    sys.path.insert(0, str(HERE))
+    from checkout import import_package
+    import_package()
     from deepspot_napari import Model
-    model = Model.load()
+    model = Model.load(device="cpu")
     rng = np.random.default_rng(1234)
     results = {}
     for batch in (1, 8):

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from checkout import import_package  # benchmarks/ is the script's directory
+
 
 def _simulate(args, root: Path) -> tuple[Path, Path]:
     import tifffile
@@ -83,6 +85,7 @@ def _count_spots(folder: Path) -> int:
 
 
 def main() -> int:
+    import_package()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=4096, help="side of the large image (0: skip it)")
     parser.add_argument("--fields", type=int, default=100, help="number of fields (0: skip them)")

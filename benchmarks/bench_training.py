@@ -52,7 +52,8 @@ def _time_steps(step, steps: int) -> tuple[float, float]:
 
 
 def measure_ours(batch: int, steps: int) -> dict:
-    sys.path.insert(0, str(ROOT))
+    from checkout import import_package
+    import_package()
     from deepspot_napari import _core, bundled_weights_path
     trainer = _core.Trainer(_core.Network(str(bundled_weights_path())), dropout=0.2)
     x, t = _batch(batch)

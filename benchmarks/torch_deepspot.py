@@ -241,7 +241,9 @@ def verify_against_core(model: DeepSpotTorch, weights_path: str | Path | None = 
     """Max |PyTorch - our CPU core| of the sigmoid map of one random size x size image, the core's
     Network loaded from `weights_path` (None: the bundled weights, which the model must hold too);
     raises AssertionError above `tol`. PyTorch runs on `device` with TF32 off."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from checkout import import_package
+    import_package()
     from deepspot_napari import _core, bundled_weights_path
 
     x = np.random.default_rng(seed).random((1, size, size, 1), dtype=np.float32)
