@@ -211,6 +211,30 @@ static void same_padding(int in, int stride, int span, int *out, int *before, in
     *after = total - *before;
 }
 
+void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
+                     int transposed, int stride, int dilation, unsigned post)
+{
+    *d = (conv_desc){.transposed = transposed, .batch = batch, .in_channels = in_channels, .in_height = height,
+                     .in_width = width, .out_channels = c->out_channels, .kernel = c->kernel, .stride = stride,
+                     .dilation = dilation, .post = post};
+    int span = (c->kernel - 1) * dilation + 1;
+    if (transposed) { /* the adjoint of a 'same' convolution with this stride */
+        int unused;
+        d->out_height = height * stride;
+        d->out_width = width * stride;
+        same_padding(d->out_height, stride, span, &unused, &d->pad_before, &d->pad_after);
+    } else {
+        same_padding(height, stride, span, &d->out_height, &d->pad_before, &d->pad_after);
+        same_padding(width, stride, span, &d->out_width, &d->pad_before, &d->pad_after);
+    }
+}
+
+void model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after)
+{
+    same_padding(height, DS_POOL_STRIDE, DS_POOL_KERNEL, out_height, pad_before, pad_after);
+    same_padding(width, DS_POOL_STRIDE, DS_POOL_KERNEL, out_width, pad_before, pad_after);
+}
+
 /* Folds an inference BatchNorm that follows the convolution into its weights (bn may be NULL). */
 static void fold_batchnorm(plan *pl, const conv_params *c, const bn_params *bn)
 {
@@ -232,19 +256,8 @@ static void fold_batchnorm(plan *pl, const conv_params *c, const bn_params *bn)
 static ds_status plan_conv(plan *pl, ds_backend *be, const act *in, act *out, const conv_params *c,
                            const bn_params *bn, int transposed, int stride, int dilation, unsigned post)
 {
-    conv_desc d = {.transposed = transposed, .batch = pl->batch, .in_channels = in->channels,
-                   .in_height = in->height, .in_width = in->width, .out_channels = c->out_channels,
-                   .kernel = c->kernel, .stride = stride, .dilation = dilation, .post = post};
-    int span = (c->kernel - 1) * dilation + 1;
-    if (transposed) { /* the adjoint of a 'same' convolution with this stride */
-        int unused;
-        d.out_height = in->height * stride;
-        d.out_width = in->width * stride;
-        same_padding(d.out_height, stride, span, &unused, &d.pad_before, &d.pad_after);
-    } else {
-        same_padding(in->height, stride, span, &d.out_height, &d.pad_before, &d.pad_after);
-        same_padding(in->width, stride, span, &d.out_width, &d.pad_before, &d.pad_after);
-    }
+    conv_desc d;
+    model_conv_desc(&d, pl->batch, in->channels, in->height, in->width, c, transposed, stride, dilation, post);
     if (!(post & POST_SUM))
         DS_TRY(new_tensor(pl, out, c->out_channels, d.out_height, d.out_width));
     else if (out->channels != d.out_channels || out->height != d.out_height || out->width != d.out_width)
@@ -267,12 +280,11 @@ static ds_status plan_bn_relu(plan *pl, ds_backend *be, const act *in, act *out,
 static ds_status plan_maxpool(plan *pl, ds_backend *be, const act *in, act *out)
 {
     int oh, ow, before, after;
-    same_padding(in->height, 2, 3, &oh, &before, &after);
-    same_padding(in->width, 2, 3, &ow, &before, &after);
+    model_pool_shape(in->height, in->width, &oh, &ow, &before, &after);
     ds_op *op;
     DS_TRY(new_tensor(pl, out, in->channels, oh, ow));
-    DS_TRY(maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, 3, 2, before,
-                                  after));
+    DS_TRY(maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, DS_POOL_KERNEL,
+                                  DS_POOL_STRIDE, before, after));
     return add_step(pl, STEP_MAXPOOL, op, in, 1, out);
 }
 

@@ -11,6 +11,8 @@
 #define DS_BN_EPSILON 1e-3f
 #define DS_TRUNK_BLOCKS 13
 #define DS_SIZE_MULTIPLE 8 /* three stride-2 stages down, three up */
+#define DS_POOL_KERNEL 3   /* the CASO max-pools: 3x3, stride 2, TF 'same' */
+#define DS_POOL_STRIDE 2
 
 typedef struct {
     float *weight; /* [out, in, k, k]; for transposed convs `out` is the upsampled side */
@@ -46,6 +48,12 @@ typedef struct {
 } model_params;
 
 typedef struct ds_model ds_model;
+
+/* The layer shapes the inference plan and the training graph share, with TF 'same' padding: a (transposed)
+ * convolution of an input of in_channels x height x width by c, and a CASO max-pool. */
+void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
+                     int transposed, int stride, int dilation, unsigned post);
+void model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after);
 
 /* math_mode: DS_MATH_FLOAT32 or DS_MATH_TF32 (ops.h; GPU only). */
 ds_status model_load(ds_model **model, const char *weights_path, int math_mode);

@@ -145,33 +145,12 @@ static ds_status new_node(graph *g, node **out, node_kind kind, const int *in, i
     return DS_OK;
 }
 
-/* TF 'same' padding: output ceil(in / stride), the odd pixel of padding goes after. */
-static void same_padding(int in, int stride, int span, int *out, int *before, int *after)
-{
-    *out = (in + stride - 1) / stride;
-    int total = (*out - 1) * stride + span - in;
-    if (total < 0)
-        total = 0;
-    *before = total / 2;
-    *after = total - *before;
-}
-
 static ds_status g_conv(graph *g, ds_backend *be, int in, int *out, conv_params *cp, conv_params *cg, int transposed,
                         int stride, int dilation, int need_dsrc)
 {
     const tensor *x = &g->tensors[in];
-    conv_desc d = {.transposed = transposed, .batch = g->batch, .in_channels = x->c, .in_height = x->h,
-                   .in_width = x->w, .out_channels = cp->out_channels, .kernel = cp->kernel, .stride = stride,
-                   .dilation = dilation};
-    int span = (cp->kernel - 1) * dilation + 1, unused;
-    if (transposed) {
-        d.out_height = x->h * stride;
-        d.out_width = x->w * stride;
-        same_padding(d.out_height, stride, span, &unused, &d.pad_before, &d.pad_after);
-    } else {
-        same_padding(x->h, stride, span, &d.out_height, &d.pad_before, &d.pad_after);
-        same_padding(x->w, stride, span, &d.out_width, &d.pad_before, &d.pad_after);
-    }
+    conv_desc d;
+    model_conv_desc(&d, g->batch, x->c, x->h, x->w, cp, transposed, stride, dilation, 0);
     if (cp->in_channels != x->c)
         return ds_fail(DS_ERR_VALUE, "training graph: channel mismatch");
     node *n;
@@ -210,13 +189,13 @@ static ds_status g_pool(graph *g, ds_backend *be, int in, int *out)
 {
     const tensor x = g->tensors[in];
     int oh, ow, before, after;
-    same_padding(x.h, 2, 3, &oh, &before, &after);
-    same_padding(x.w, 2, 3, &ow, &before, &after);
+    model_pool_shape(x.h, x.w, &oh, &ow, &before, &after);
     node *n;
     DS_TRY(new_node(g, &n, N_POOL, &in, 1));
     DS_TRY(new_tensor(g, &n->out, x.c, oh, ow));
     *out = n->out;
-    return maxpool_train_create(&n->op, be, g->batch, x.c, x.h, x.w, oh, ow, 3, 2, before, after);
+    return maxpool_train_create(&n->op, be, g->batch, x.c, x.h, x.w, oh, ow, DS_POOL_KERNEL, DS_POOL_STRIDE, before,
+                                after);
 }
 
 static ds_status g_concat(graph *g, ds_backend *be, const int *in, int n_in, int *out)
