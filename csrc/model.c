@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "ops.h"
 #include "safetensors.h"
 
@@ -128,11 +129,7 @@ typedef struct {
     int output;
 } plan_step;
 
-typedef struct {
-    size_t floats;
-    int first_step, last_step;
-    size_t offset;
-} plan_tensor;
+typedef arena_slot plan_tensor; /* first, last: plan steps */
 
 static const int stage_input_channels[DS_STAGES] = {1, 3 * 128, 128};
 
@@ -174,8 +171,8 @@ static ds_status new_tensor(plan *pl, act *a, int channels, int height, int widt
         return ds_fail(DS_ERR_VALUE, "plan: too many tensors");
     plan_tensor *t = &pl->tensors[pl->n_tensors];
     t->floats = (size_t)pl->batch * channels * height * width;
-    t->first_step = pl->n_steps;
-    t->last_step = pl->n_steps;
+    t->first = pl->n_steps;
+    t->last = pl->n_steps;
     *a = (act){channels, height, width, pl->n_tensors++};
     return DS_OK;
 }
@@ -192,10 +189,10 @@ static ds_status add_step(plan *pl, step_kind kind, ds_op *op, const act *inputs
     s->n_inputs = n_inputs;
     for (int i = 0; i < n_inputs; i++) {
         s->inputs[i] = inputs[i].id;
-        pl->tensors[inputs[i].id].last_step = pl->n_steps;
+        pl->tensors[inputs[i].id].last = pl->n_steps;
     }
     s->output = output->id;
-    pl->tensors[output->id].last_step = pl->n_steps;
+    pl->tensors[output->id].last = pl->n_steps;
     pl->n_steps++;
     return DS_OK;
 }
@@ -363,32 +360,10 @@ static ds_status plan_network(plan *pl, const model_params *p, ds_backend *be)
     return DS_OK;
 }
 
-/* Greedy first-fit placement: a tensor may share memory with any tensor whose lifetime
- * (first..last step, inclusive) does not overlap its own. Offsets are kept 64-byte aligned. */
 static void place_tensors(plan *pl)
 {
-    size_t top = 0;
-    pl->tensors[pl->output].last_step = pl->n_steps; /* read back after the last step */
-    for (int i = 0; i < pl->n_tensors; i++) {
-        plan_tensor *t = &pl->tensors[i];
-        size_t size = (t->floats + 15) & ~(size_t)15, offset = 0;
-        for (int moved = 1; moved;) {
-            moved = 0;
-            for (int j = 0; j < i; j++) {
-                plan_tensor *o = &pl->tensors[j];
-                size_t osize = (o->floats + 15) & ~(size_t)15;
-                int live_together = o->first_step <= t->last_step && t->first_step <= o->last_step;
-                if (live_together && offset < o->offset + osize && o->offset < offset + size) {
-                    offset = o->offset + osize;
-                    moved = 1;
-                }
-            }
-        }
-        t->offset = offset;
-        if (offset + size > top)
-            top = offset + size;
-    }
-    pl->arena_floats = top;
+    pl->tensors[pl->output].last = pl->n_steps; /* read back after the last step */
+    pl->arena_floats = arena_place(pl->tensors, pl->n_tensors);
 }
 
 static void plan_free(plan *pl)

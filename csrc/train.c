@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arena.h"
 #include "safetensors.h"
 
 /* ---------------------------------------------------------------- configuration */
@@ -368,30 +369,15 @@ static ds_status plan_lifetimes(graph *g)
     return DS_OK;
 }
 
-/* Greedy first fit by lifetime, offsets 64-byte aligned (as model.c's place_tensors). */
+/* The graph's tensors placed by lifetime (arena.h). */
 static void place_tensors(graph *g)
 {
-    size_t top = 0;
-    for (int i = 0; i < g->n_tensors; i++) {
-        tensor *t = &g->tensors[i];
-        size_t size = (t->floats + 15) & ~(size_t)15, offset = 0;
-        for (int moved = 1; moved;) {
-            moved = 0;
-            for (int j = 0; j < i; j++) {
-                tensor *o = &g->tensors[j];
-                size_t osize = (o->floats + 15) & ~(size_t)15;
-                int live_together = o->first <= t->last && t->first <= o->last;
-                if (live_together && offset < o->offset + osize && o->offset < offset + size) {
-                    offset = o->offset + osize;
-                    moved = 1;
-                }
-            }
-        }
-        t->offset = offset;
-        if (offset + size > top)
-            top = offset + size;
-    }
-    g->arena_floats = top;
+    arena_slot slots[G_MAX_TENSORS];
+    for (int i = 0; i < g->n_tensors; i++)
+        slots[i] = (arena_slot){g->tensors[i].floats, g->tensors[i].first, g->tensors[i].last, 0};
+    g->arena_floats = arena_place(slots, g->n_tensors);
+    for (int i = 0; i < g->n_tensors; i++)
+        g->tensors[i].offset = slots[i].offset;
 }
 
 static void graph_free(graph *g)
