@@ -56,6 +56,13 @@ typedef struct {
     unsigned post;
 } conv_desc;
 
+/* The shape checks every backend makes when it builds an op (op_shapes.c): DS_ERR_VALUE unless the
+ * output size follows from the input, kernel, stride, dilation and padding. */
+#define MAXPOOL_MAX_KERNEL 15 /* the GPU keeps the arg-max of each window in a byte */
+ds_status conv_desc_check(const conv_desc *d);
+ds_status maxpool_shape_check(int batch, int channels, int height, int width, int out_height, int out_width,
+                              int kernel, int stride, int pad_before, int pad_after);
+
 /* weight: [out_channels, in_channels, kernel, kernel]; bias: [out_channels] (host memory, copied). For a
  * transposed convolution `out` is its output (upsampled) side, as in the weights file. */
 ds_status conv_forward_create(ds_op **op, ds_backend *backend, const conv_desc *desc,

@@ -426,25 +426,6 @@ static ds_status filter_reorder(ds_backend *b, const conv_plan *p, float *dst, c
     return DS_OK;
 }
 
-/* The same checks, and messages, as the CPU backend. */
-static ds_status conv_check(const conv_desc *d)
-{
-    int span = (d->kernel - 1) * d->dilation + 1;
-    int expect_h, expect_w;
-    if (d->transposed) {
-        expect_h = (d->in_height - 1) * d->stride + span - d->pad_before - d->pad_after;
-        expect_w = (d->in_width - 1) * d->stride + span - d->pad_before - d->pad_after;
-    } else {
-        expect_h = (d->in_height + d->pad_before + d->pad_after - span) / d->stride + 1;
-        expect_w = (d->in_width + d->pad_before + d->pad_after - span) / d->stride + 1;
-    }
-    if (d->batch < 1 || d->in_channels < 1 || d->out_channels < 1 || d->kernel < 1 || d->stride < 1 ||
-        d->dilation < 1 || expect_h != d->out_height || expect_w != d->out_width)
-        return ds_fail(DS_ERR_VALUE, "convolution: inconsistent shape (input %dx%d, output %dx%d, kernel %d, stride %d)",
-                       d->in_height, d->in_width, d->out_height, d->out_width, d->kernel, d->stride);
-    return DS_OK;
-}
-
 /* ---- algorithm choice ---- */
 
 #define MAX_CANDIDATES 32
@@ -638,7 +619,6 @@ static ds_status conv_plan_forward(const conv_plan *p, ds_backend *b, float *dst
  * document which of equal maxima wins, while the backward must route the gradient to the same one as
  * oneDNN: the first maximum in row-major window order. Padded cells never win. */
 
-#define POOL_MAX_KERNEL 15 /* window offsets fit a byte, with POOL_NO_WINNER to spare */
 #define POOL_NO_WINNER 255 /* a window entirely in the padding */
 
 typedef struct {
@@ -649,11 +629,8 @@ typedef struct {
 static ds_status pool_shape_make(pool_shape *s, int batch, int channels, int height, int width, int out_height,
                                  int out_width, int kernel, int stride, int pad_before, int pad_after)
 {
-    if (batch < 1 || channels < 1 || height < 1 || width < 1 || kernel < 1 || kernel > POOL_MAX_KERNEL ||
-        stride < 1 || pad_before < 0 || pad_after < 0 || out_height < 1 || out_width < 1 ||
-        (height + pad_before + pad_after - kernel) / stride + 1 != out_height ||
-        (width + pad_before + pad_after - kernel) / stride + 1 != out_width)
-        return ds_fail(DS_ERR_VALUE, "max-pool: inconsistent shape");
+    DS_TRY(maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
+                               pad_after));
     s->n = batch;
     s->h = height;
     s->w = width;
@@ -862,7 +839,7 @@ static ds_status conv_forward_build(ds_op *op, const conv_desc *d, const float *
 ds_status conv_forward_create(ds_op **op_out, ds_backend *backend, const conv_desc *desc, const float *weight,
                               const float *bias)
 {
-    DS_TRY(conv_check(desc));
+    DS_TRY(conv_desc_check(desc));
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
     return op_finish(op_out, op, conv_forward_build(op, desc, weight, bias));
@@ -1041,7 +1018,7 @@ ds_status conv_train_create(ds_train_op **op_out, ds_backend *backend, const con
 {
     if (desc->post)
         return ds_fail(DS_ERR_VALUE, "training convolution: post-ops are not supported");
-    DS_TRY(conv_check(desc));
+    DS_TRY(conv_desc_check(desc));
     ds_train_op *op;
     DS_TRY(train_op_alloc(&op, backend));
     return train_op_finish(op_out, op, conv_train_build(op, desc, need_dsrc));

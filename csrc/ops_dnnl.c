@@ -232,24 +232,6 @@ static ds_status execute_unary(ds_op *op, const float *src, float *dst)
 
 /* ---- convolution and transposed convolution ---- */
 
-static ds_status conv_check(const conv_desc *d)
-{
-    int span = (d->kernel - 1) * d->dilation + 1;
-    int expect_h, expect_w;
-    if (d->transposed) {
-        expect_h = (d->in_height - 1) * d->stride + span - d->pad_before - d->pad_after;
-        expect_w = (d->in_width - 1) * d->stride + span - d->pad_before - d->pad_after;
-    } else {
-        expect_h = (d->in_height + d->pad_before + d->pad_after - span) / d->stride + 1;
-        expect_w = (d->in_width + d->pad_before + d->pad_after - span) / d->stride + 1;
-    }
-    if (d->batch < 1 || d->in_channels < 1 || d->out_channels < 1 || d->kernel < 1 || d->stride < 1 ||
-        d->dilation < 1 || expect_h != d->out_height || expect_w != d->out_width)
-        return ds_fail(DS_ERR_VALUE, "convolution: inconsistent shape (input %dx%d, output %dx%d, kernel %d, stride %d)",
-                       d->in_height, d->in_width, d->out_height, d->out_width, d->kernel, d->stride);
-    return DS_OK;
-}
-
 static ds_status conv_attr(dnnl_primitive_attr_t *attr, unsigned post)
 {
     dnnl_post_ops_t post_ops;
@@ -270,7 +252,7 @@ static ds_status conv_attr(dnnl_primitive_attr_t *attr, unsigned post)
 ds_status conv_forward_create(ds_op **op_out, ds_backend *backend, const conv_desc *d, const float *weight,
                               const float *bias)
 {
-    DS_TRY(conv_check(d));
+    DS_TRY(conv_desc_check(d));
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
     dnnl_memory_desc_t src_md = NULL, dst_md = NULL, any_weight_md = NULL, user_weight_md = NULL, bias_md = NULL;
@@ -374,9 +356,8 @@ ds_status batchnorm_relu_forward(ds_op *op, const float *src, float *dst) { retu
 ds_status maxpool_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height, int width,
                                  int out_height, int out_width, int kernel, int stride, int pad_before, int pad_after)
 {
-    if ((height + pad_before + pad_after - kernel) / stride + 1 != out_height ||
-        (width + pad_before + pad_after - kernel) / stride + 1 != out_width)
-        return ds_fail(DS_ERR_VALUE, "max-pool: inconsistent shape");
+    DS_TRY(maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
+                               pad_after));
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
     dnnl_memory_desc_t src_md = NULL, dst_md = NULL;
@@ -567,7 +548,7 @@ ds_status conv_train_create(ds_train_op **op_out, ds_backend *backend, const con
 {
     if (d->post)
         return ds_fail(DS_ERR_VALUE, "training convolution: post-ops are not supported");
-    DS_TRY(conv_check(d));
+    DS_TRY(conv_desc_check(d));
     ds_train_op *op;
     DS_TRY(top_alloc(&op, backend));
     op->need_dsrc = need_dsrc;
@@ -833,9 +814,8 @@ ds_status maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int ba
                                int width, int out_height, int out_width, int kernel, int stride, int pad_before,
                                int pad_after)
 {
-    if ((height + pad_before + pad_after - kernel) / stride + 1 != out_height ||
-        (width + pad_before + pad_after - kernel) / stride + 1 != out_width)
-        return ds_fail(DS_ERR_VALUE, "max-pool: inconsistent shape");
+    DS_TRY(maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
+                               pad_after));
     ds_train_op *op;
     DS_TRY(top_alloc(&op, backend));
     op->training = 1;
