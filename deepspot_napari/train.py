@@ -42,7 +42,7 @@ STAMP = np.array([[200, 230, 200], [230, 255, 230], [200, 230, 200]], dtype=np.f
 STATE_FILE = "state.json"
 BEST_WEIGHTS = "best.safetensors"
 CURVES_FILE = "curves.png"
-STATE_FORMAT = "deepspot-napari-training/1"
+STATE_FORMAT = "deepspot-napari-training/2"  # 2: validation held out by image
 SIZE_MULTIPLE = 8
 
 
@@ -157,6 +157,14 @@ class _Data:
     x: np.ndarray          # [n, p, p] float32 inputs
     t: np.ndarray          # [n, p, p] float32 targets
     points: list           # (k, 2) per patch
+    sources: np.ndarray    # [n] the index of the image each patch was cut from
+
+    def subset(self, index: np.ndarray) -> "_Data":
+        return _Data(self.x[index], self.t[index], [self.points[i] for i in index], self.sources[index])
+
+    def join(self, other: "_Data") -> "_Data":
+        return _Data(np.concatenate([self.x, other.x]), np.concatenate([self.t, other.t]), self.points + other.points,
+                     np.concatenate([self.sources, other.sources]))
 
     def __len__(self) -> int:
         return len(self.x)
@@ -172,7 +180,7 @@ def _prepare(images: Sequence, points: Sequence, patch: int) -> _Data:
                          "(y, x) points per image")
     if not images:
         raise ValueError("no training images given")
-    xs, ts, ps = [], [], []
+    xs, ts, ps, sources = [], [], [], []
     for i, (image, pts) in enumerate(zip(images, points)):
         image = _check_image(image, i)
         pts = _check_points(pts, image.shape, i)
@@ -183,9 +191,10 @@ def _prepare(images: Sequence, points: Sequence, patch: int) -> _Data:
             xs.append(x)
             ts.append(t)
             ps.append(tile_points)
+            sources.append(i)
     if not xs:
         raise ValueError("no usable training patches (every patch is all zero)")
-    return _Data(np.stack(xs), np.stack(ts), ps)
+    return _Data(np.stack(xs), np.stack(ts), ps, np.array(sources))
 
 
 def _simulated(n: int, patch: int, seed: int, epoch: int) -> _Data:
@@ -198,7 +207,31 @@ def _simulated(n: int, patch: int, seed: int, epoch: int) -> _Data:
         xs.append(x)
         ts.append(t)
         ps.append(spots)
-    return _Data(np.stack(xs), np.stack(ts), ps)
+    return _Data(np.stack(xs), np.stack(ts), ps, -1 - np.arange(n))  # each its own image, apart from the user's
+
+
+def _validation_mask(data: _Data, fraction: float, seed: int) -> np.ndarray:
+    """Which patches validate: whole images (seeded order) until about `fraction` of the patches, so that
+    no validation patch has a neighbour from its own image in training; by patch when there is only one
+    image. At least one patch stays for training."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11]))
+    wanted = int(round(fraction * len(data))) if len(data) > 1 else 0
+    images = np.unique(data.sources)
+    if wanted == 0:
+        return np.zeros(len(data), bool)
+    if len(images) == 1:
+        mask = np.zeros(len(data), bool)
+        mask[rng.permutation(len(data))[:wanted]] = True
+        return mask
+    mask = np.zeros(len(data), bool)
+    for image in rng.permutation(images)[:-1]:  # the last image always trains
+        if mask.sum() >= wanted:
+            break
+        candidate = mask | (data.sources == image)
+        # take the image if that brings the count closer to the wanted one
+        if abs(candidate.sum() - wanted) <= abs(mask.sum() - wanted) or not mask.any():
+            mask = candidate
+    return mask
 
 
 def _fingerprint(data: _Data) -> str:
@@ -308,7 +341,9 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
     float32); from_scratch=True replaces them by Keras' default initialisation (seeded).
     epochs, batch_size, learning_rate (Adam, beta 0.9/0.999, epsilon 1e-7), dropout (spatial dropout
     rate), max_term ("batch": the authors' code, "per_image": the paper, "none"): the recipe.
-    validation_split: fraction of the patches held out (seeded); validated after each epoch in
+    validation_split: fraction of the patches held out (seeded), as whole images when there are several
+    (patches of one image are correlated, so a held-out image is the honest test), else as patches;
+    validated after each epoch in
     inference mode (loss and mean per-patch F1 of detect_spots on the enhanced patch against the
     annotations, nearest match within 3 px; `detection` = DetectionParams to use).
     patience: epochs without a better validation loss (training loss without validation) after
@@ -340,11 +375,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
         raise ValueError("simulate and patience must be >= 0")
 
     data = _prepare(images, points, patch_size)
-    order = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11])).permutation(len(data))
-    n_val = int(round(validation_split * len(data))) if len(data) > 1 else 0
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    train = _Data(data.x[train_idx], data.t[train_idx], [data.points[i] for i in train_idx])
-    val = _Data(data.x[val_idx], data.t[val_idx], [data.points[i] for i in val_idx])
+    val_mask = _validation_mask(data, validation_split, seed)
+    train, val = data.subset(np.flatnonzero(~val_mask)), data.subset(np.flatnonzero(val_mask))
 
     trainer = _resolve_model(model_or_path).make_trainer(learning_rate=learning_rate, dropout=dropout,
                                                          max_term=max_term, seed=seed)
@@ -387,8 +419,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
         epoch_data = train
         if simulate:
             extra = _simulated(simulate, patch_size, seed, epoch)
-            epoch_data = _Data(np.concatenate([train.x, extra.x]), np.concatenate([train.t, extra.t]),
-                               train.points + extra.points)
+            epoch_data = train.join(extra)
         perm = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(len(epoch_data))
         sums = np.zeros(3)
         for b in range(steps_per_epoch):

@@ -446,3 +446,24 @@ def test_training_curves_png(tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "c.png") as im:
         assert im.size == (800, 500) and len(set(im.getdata())) > 3
+
+
+@pytest.mark.parametrize("sizes, fraction", [((4, 4, 4, 4, 4), 0.2), ((1, 9, 2, 5), 0.34), ((3, 3), 0.5)])
+def test_validation_holds_out_whole_images(sizes, fraction, rng):
+    from deepspot_napari.train import _Data, _validation_mask
+    sources = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(sources)
+    n = len(sources)
+    data = _Data(np.zeros((n, 8, 8), np.float32), np.zeros((n, 8, 8), np.float32), [None] * n, sources)
+    seed = int(rng.integers(1 << 30))
+    mask = _validation_mask(data, fraction, seed)
+    held, kept = set(sources[mask]), set(sources[~mask])
+    assert held and kept and not held & kept, (held, kept)  # whole images on one side only, both sides used
+    assert np.array_equal(mask, _validation_mask(data, fraction, seed))  # seeded
+    assert not _validation_mask(data, 0.0, seed).any()
+
+
+def test_validation_splits_one_image_by_patch(rng):
+    from deepspot_napari.train import _Data, _validation_mask
+    data = _Data(np.zeros((10, 8, 8), np.float32), np.zeros((10, 8, 8), np.float32), [None] * 10, np.zeros(10, int))
+    assert _validation_mask(data, 0.3, int(rng.integers(1 << 30))).sum() == 3
