@@ -1050,7 +1050,9 @@ class TrainWidget(Container):
         self.epochs = SpinBox(label="epochs", value=10, min=1, max=10000)
         self.batch_size = SpinBox(label="batch size", value=4, min=1, max=256)
         self.learning_rate = LineEdit(label="learning rate", value="1e-4")
-        self.validation_split = FloatSpinBox(label="validation split", value=0.2, min=0.0, max=0.9, step=0.05)
+        self.validation_split = FloatSpinBox(label="validation split", value=0.2, min=0.0, max=0.9, step=0.05,
+                                              tooltip="fraction of the patches held out for validation, as whole "
+                                                      "images when several are annotated")
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")

@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--validation-split", type=float, default=0.2)
+    p.add_argument("--validation-split", type=float, default=0.2,
+                   help="fraction of the patches held out for validation, as whole images when there are several")
     p.add_argument("--patience", type=int, default=200, help="epochs without a better validation loss before stopping")
     p.add_argument("--max-term", default="batch", choices=("batch", "per_image", "none"),
                    help="the loss's max term: the original code's batch form or the paper's per-image form")
