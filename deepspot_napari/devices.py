@@ -4,7 +4,10 @@ The same C sources are compiled into two extension modules with the same Python 
 `deepspot_napari._core` (CPU, oneDNN; always installed) and `deepspot_napari._core_cuda` (NVIDIA
 GPUs, cuDNN; built only where the CUDA toolkit was present). The GPU module may be missing, may fail
 to import (no CUDA libraries here) or may import on a machine without a usable GPU: `probe` says
-which, once per process, and `resolve_device("auto")` then falls back to the CPU.
+which, once per process, and `resolve_device("auto")` then falls back to the CPU. A GPU that is
+present must also pass a self-test before it is used: the bundled network on a small fixed input must
+give the CPU's answer (SELF_TEST_TOLERANCE), so that a driver, library or backend fault shows as "the
+GPU is not used, because ..." rather than as wrong spots.
 
 Precision: "float32" everywhere, or "tf32" (TF32 tensor-core convolutions with float32 weights and
 activations) on the GPU only."""
@@ -15,6 +18,7 @@ import importlib
 from types import ModuleType
 
 DEVICES = ("auto", "cpu", "cuda")
+SELF_TEST_TOLERANCE = 1e-4  # max |GPU - CPU| of the sigmoid map, float32 math on both
 PRECISIONS = ("float32", "tf32")
 _CORE_MODULES = {"cpu": "deepspot_napari._core", "cuda": "deepspot_napari._core_cuda"}
 
@@ -45,9 +49,28 @@ def probe(device: str) -> tuple[bool, str]:
     forgets it)."""
     _check_choice("device", device, tuple(_CORE_MODULES))
     try:
-        return True, core_module(device).probe()
+        description = core_module(device).probe()
+        if device != "cpu":
+            _self_test(core_module(device))
+        return True, description
     except RuntimeError as exc:
         return False, str(exc)
+
+
+def _self_test(module: ModuleType) -> None:
+    """Raises RuntimeError unless `module` computes what the CPU module computes on a small fixed input."""
+    import numpy as np
+    from .model import bundled_weights_path
+    weights = str(bundled_weights_path())
+    x = np.random.default_rng(20221111).random((1, 64, 64, 1), dtype=np.float32)
+    try:
+        got = module.Network(weights).forward(x)
+    except (RuntimeError, ValueError, MemoryError) as exc:
+        raise RuntimeError(f"the {module.BACKEND} backend failed its self-test: {exc}") from exc
+    error = float(np.max(np.abs(got - core_module("cpu").Network(weights).forward(x))))
+    if not error <= SELF_TEST_TOLERANCE:
+        raise RuntimeError(f"the {module.BACKEND} backend failed its self-test: its output differs from the CPU's "
+                           f"by {error:.2g} (at most {SELF_TEST_TOLERANCE:g} expected)")
 
 
 def available_devices() -> list[tuple[str, str]]:

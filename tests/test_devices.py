@@ -170,3 +170,40 @@ def test_file_jobs_and_blocks_carry_the_precision_to_the_worker_model(tmp_path, 
         process_file(job)
     with pytest.raises(ValueError, match="'tf32' needs the GPU"):
         block_task(BlockSpec(source=str(path), device="cpu", precision="tf32"), (0, 16, 0, 16))
+
+
+class StandInGPU:
+    """A stand-in for _core_cuda: the CPU module's network, its output shifted by `offset` (or failing)."""
+    BACKEND = "cuda"
+
+    def __init__(self, offset=0.0, fail=None):
+        offset_, fail_ = offset, fail
+
+        class Network:
+            def __init__(self, weights):
+                self.cpu = _core.Network(weights)
+
+            def forward(self, x, *args):
+                if fail_ is not None:
+                    raise RuntimeError(fail_)
+                return self.cpu.forward(x, *args) + np.float32(offset_)
+        self.Network = Network
+
+    @staticmethod
+    def probe():
+        return FAKE_GPU
+
+
+@pytest.mark.parametrize("offset, fail, works, reason", [
+    (0.0, None, True, FAKE_GPU),
+    (1e-6, None, True, FAKE_GPU),                     # float32 noise passes
+    (1e-2, None, False, "differs from the CPU's by 0.01"),
+    (0.0, "cuDNN: CUDNN_STATUS_NOT_SUPPORTED", False, "self-test: cuDNN: CUDNN_STATUS_NOT_SUPPORTED"),
+])
+def test_a_gpu_is_used_only_if_it_passes_the_self_test(monkeypatch, offset, fail, works, reason):
+    stand_in = StandInGPU(offset, fail)
+    real_core_module = devices.core_module
+    monkeypatch.setattr(devices, "core_module", lambda d: stand_in if d == "cuda" else real_core_module(d))
+    ok, said = devices.probe("cuda")
+    assert ok == works and reason in said, said
+    assert devices.resolve_device("auto") == ("cuda" if works else "cpu")
