@@ -2,7 +2,7 @@
 oneDNN): every single op forward and backward, the whole network (and the original TensorFlow
 model's golden outputs), one training step, a 200-step training run, and TF32 math.
 
-Every GPU test takes the `cuda` fixture, which skips it - with the reason devices.probe gives - where
+Every GPU test takes the `cuda` fixture, which skips it - with the reason the module gives - where
 the CUDA module is not built, cannot be loaded, or finds no usable GPU. The one CPU-only test here
 (TF32 is refused by the CPU module) runs everywhere.
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deepspot_napari import Model, _core, bundled_weights_path
-from deepspot_napari.devices import core_module, probe
+from deepspot_napari.devices import core_module
 from deepspot_napari.train import initial_parameters
 from test_model import golden_cases
 from test_train import GOLDEN as GOLDEN_TRAIN_STEP, bn_fed_bias, scale, simulated_batch
@@ -54,11 +54,14 @@ def assert_backends_agree(gpu, cpu, what="", tol=REL_TOL):
 
 @pytest.fixture(scope="module")
 def cuda():
-    """The GPU module, or a skip saying why it cannot run here."""
-    works, reason = probe("cuda")
-    if not works:
-        pytest.skip(f"no GPU: {reason}")
-    return core_module("cuda")
+    """The GPU module, or a skip saying why it cannot run here (no module, no device). Not devices.probe:
+    its self-test would turn a wrong GPU result into a skip, and these tests must fail on it."""
+    try:
+        module = core_module("cuda")
+        module.probe()
+    except RuntimeError as exc:
+        pytest.skip(f"no GPU: {exc}")
+    return module
 
 
 def run_both(cuda, op, *args, **kwargs):
