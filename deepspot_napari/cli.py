@@ -65,11 +65,13 @@ class BatchReport:
 
 def _load_model(args):
     """The model of --weights on --device with --precision; says on stderr where it runs (unless -q)."""
-    from .devices import probe
+    from .devices import gpu_not_trusted, probe
     from .model import Model
     model = Model.load(args.weights, device=args.device, precision=args.precision)
     if not args.quiet:
         print(f"deepspot: device: {model.device} ({probe(model.device)[1]}), {model.precision}", file=sys.stderr)
+    if model.device == "cpu" and args.device == "auto" and gpu_not_trusted():
+        print(f"deepspot: warning: a GPU is present but not used: {gpu_not_trusted()}", file=sys.stderr)
     return model
 
 

@@ -19,6 +19,7 @@ from types import ModuleType
 
 DEVICES = ("auto", "cpu", "cuda")
 SELF_TEST_TOLERANCE = 1e-4  # max |GPU - CPU| of the sigmoid map, float32 math on both
+SELF_TEST_FAILED = "failed its self-test"  # in probe's reason when a GPU is present but not trusted
 PRECISIONS = ("float32", "tf32")
 _CORE_MODULES = {"cpu": "deepspot_napari._core", "cuda": "deepspot_napari._core_cuda"}
 
@@ -66,10 +67,10 @@ def _self_test(module: ModuleType) -> None:
     try:
         got = module.Network(weights).forward(x)
     except (RuntimeError, ValueError, MemoryError) as exc:
-        raise RuntimeError(f"the {module.BACKEND} backend failed its self-test: {exc}") from exc
+        raise RuntimeError(f"the {module.BACKEND} backend {SELF_TEST_FAILED}: {exc}") from exc
     error = float(np.max(np.abs(got - core_module("cpu").Network(weights).forward(x))))
     if not error <= SELF_TEST_TOLERANCE:
-        raise RuntimeError(f"the {module.BACKEND} backend failed its self-test: its output differs from the CPU's "
+        raise RuntimeError(f"the {module.BACKEND} backend {SELF_TEST_FAILED}: its output differs from the CPU's "
                            f"by {error:.2g} (at most {SELF_TEST_TOLERANCE:g} expected)")
 
 
@@ -101,3 +102,9 @@ def resolve_device(device: str = "auto", precision: str = "float32") -> str:
         raise ValueError(f"precision 'tf32' needs the GPU backend (device 'cuda'), but the network would run on "
                          f"the CPU{why}; use precision='float32'")
     return resolved
+
+
+def gpu_not_trusted() -> str | None:
+    """Why a GPU that is present here is not used (it failed the self-test), or None."""
+    works, reason = probe("cuda")
+    return reason if not works and SELF_TEST_FAILED in reason else None

@@ -207,3 +207,14 @@ def test_a_gpu_is_used_only_if_it_passes_the_self_test(monkeypatch, offset, fail
     ok, said = devices.probe("cuda")
     assert ok == works and reason in said, said
     assert devices.resolve_device("auto") == ("cuda" if works else "cpu")
+
+
+def test_the_cli_says_why_a_present_gpu_is_not_used(monkeypatch, tmp_path, capsys):
+    from deepspot_napari import cli
+    real_core_module = devices.core_module
+    monkeypatch.setattr(devices, "core_module", lambda d: StandInGPU(offset=0.5) if d == "cuda" else real_core_module(d))
+    import tifffile
+    tifffile.imwrite(tmp_path / "image.tif", np.random.default_rng(0).random((64, 64), dtype=np.float32))
+    assert cli.main(["enhance", str(tmp_path / "image.tif"), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "device: cpu" in err and "a GPU is present but not used" in err and devices.SELF_TEST_FAILED in err
