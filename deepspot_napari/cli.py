@@ -306,7 +306,7 @@ def cmd_train(args) -> int:
                         learning_rate=args.learning_rate, validation_split=args.validation_split, seed=args.seed,
                         max_term=args.max_term, checkpoint_dir=out, resume=args.resume, patience=args.patience,
                         simulate=args.simulate, patch_size=args.patch_size, from_scratch=args.from_scratch,
-                        progress=Progress("train", args.quiet))
+                        bn_bessel=args.bn_bessel, progress=Progress("train", args.quiet))
     save_training_curves(history, out / "curves.png")
     print(f"\n{'epoch':>5}  {'loss':>9}  {'val loss':>9}  {'val F1':>7}")
     for i, epoch in enumerate(history.epoch):
@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=200, help="epochs without a better validation loss before stopping")
     p.add_argument("--max-term", default="batch", choices=("batch", "per_image", "none"),
                    help="the loss's max term: the original code's batch form or the paper's per-image form")
+    p.add_argument("--bn-bessel", action="store_true",
+                   help="BN moving variance from the unbiased batch variance (TF 2.x, which trained the published "
+                        "weights) instead of the biased one (Keras 3)")
     p.add_argument("--simulate", type=int, default=0, metavar="N",
                    help="add N freshly simulated images each epoch (and train on N simulated ones if no data)")
     p.add_argument("--patch-size", type=int, default=256)

@@ -330,7 +330,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
         dropout: float = 0.2, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
         patience: int = 200, progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None, simulate: int = 0, patch_size: int = 256,
-        from_scratch: bool = False, detection=None, on_epoch: Callable[[dict], None] | None = None,
+        from_scratch: bool = False, bn_bessel: bool = False, detection=None, on_epoch: Callable[[dict], None] | None = None,
         return_trainer: bool = False):
     """Trains the network on `images` (2D arrays, any size) annotated with `points` ((n, 2) arrays of
     (y, x) pixel positions, one per image) and returns a History (and the trainer if
@@ -341,6 +341,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
     float32); from_scratch=True replaces them by Keras' default initialisation (seeded).
     epochs, batch_size, learning_rate (Adam, beta 0.9/0.999, epsilon 1e-7), dropout (spatial dropout
     rate), max_term ("batch": the authors' code, "per_image": the paper, "none"): the recipe.
+    bn_bessel: the BN moving variance takes the unbiased batch variance (TF 2.x's fused batch norm,
+    which trained the published weights) instead of the biased one (Keras 3, the default).
     validation_split: fraction of the patches held out (seeded), as whole images when there are several
     (patches of one image are correlated, so a held-out image is the honest test), else as patches;
     validated after each epoch in
@@ -379,7 +381,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
     train, val = data.subset(np.flatnonzero(~val_mask)), data.subset(np.flatnonzero(val_mask))
 
     trainer = _resolve_model(model_or_path).make_trainer(learning_rate=learning_rate, dropout=dropout,
-                                                         max_term=max_term, seed=seed)
+                                                         max_term=max_term, seed=seed, bn_bessel=bool(bn_bessel))
     if from_scratch:
         for name, value in initial_parameters(trainer, seed).items():
             trainer.set(name, value)
@@ -387,7 +389,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
     settings = dict(format=STATE_FORMAT, batch_size=int(batch_size), learning_rate=float(learning_rate),
                     validation_split=float(validation_split), seed=int(seed), max_term=max_term,
                     dropout=float(dropout), simulate=int(simulate), patch_size=int(patch_size),
-                    from_scratch=bool(from_scratch), data=_fingerprint(data))
+                    from_scratch=bool(from_scratch), bn_bessel=bool(bn_bessel), data=_fingerprint(data))
     history = History()
     start_epoch, wait = 0, 0
     best_params: dict[str, np.ndarray] | None = None

@@ -467,3 +467,15 @@ def test_validation_splits_one_image_by_patch(rng):
     from deepspot_napari.train import _Data, _validation_mask
     data = _Data(np.zeros((10, 8, 8), np.float32), np.zeros((10, 8, 8), np.float32), [None] * 10, np.zeros(10, int))
     assert _validation_mask(data, 0.3, int(rng.integers(1 << 30))).sum() == 3
+
+
+def test_fit_bn_bessel_takes_the_unbiased_batch_variance():
+    images, points = small_dataset(n=2)
+    settings = {**FIT, "epochs": 1, "validation_split": 0.0, "dropout": 0.0}
+    name = "trunk.block02.bn1.moving_variance"
+    moving = {}
+    for bessel in (False, True):
+        _, trainer = fit(None, images, points, bn_bessel=bessel, return_trainer=True, **settings)
+        moving[bessel] = trainer.get(name).astype(np.float64)
+    # the same first batch: moving = 0.99 m + 0.01 v (n / (n - 1) with Bessel), so only the batch term grows
+    assert np.all(moving[True] >= moving[False]) and np.any(moving[True] > moving[False])
