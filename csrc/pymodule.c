@@ -190,6 +190,7 @@ static PyTypeObject NetworkType = {
  * tests (against float64 NumPy references) and to compare backends with each other. */
 
 static ds_backend *shared_backend;
+static PyThread_type_lock single_op_lock; /* one single op at a time on the shared backend */
 
 static ds_status get_backend(ds_backend **backend)
 {
@@ -200,7 +201,8 @@ static ds_status get_backend(ds_backend **backend)
 }
 
 /* The arrays of one single-op call staged in backend memory: inputs uploaded, outputs downloaded
- * at the end. Runs without the GIL (the arrays are owned by the caller for the whole call). */
+ * at the end. Runs without the GIL (the arrays are owned by the caller for the whole call), holding
+ * single_op_lock from staging_begin to staging_finish. */
 #define STAGED_MAX 12
 enum { STAGE_IN = 1, STAGE_OUT = 2, STAGE_INOUT = 3 };
 
@@ -216,6 +218,7 @@ typedef struct {
 static void staging_begin(staging *s)
 {
     *s = (staging){.rc = DS_OK};
+    PyThread_acquire_lock(single_op_lock, WAIT_LOCK);
     s->rc = get_backend(&s->backend);
 }
 
@@ -253,6 +256,7 @@ static ds_status staging_finish(staging *s, ds_status rc)
                                      (size_t)PyArray_NBYTES(s->arrays[i]));
         backend_free(s->backend, s->memory[i]);
     }
+    PyThread_release_lock(single_op_lock);
     return s->rc;
 }
 
@@ -1583,6 +1587,8 @@ static int add_type(PyObject *module, const char *name, PyTypeObject *type)
 PyMODINIT_FUNC DS_PASTE(PyInit_, DS_MODULE)(void)
 {
     import_array();
+    if (!single_op_lock && !(single_op_lock = PyThread_allocate_lock()))
+        return PyErr_NoMemory();
     PyObject *module = PyModule_Create(&module_def);
     if (!module)
         return NULL;
