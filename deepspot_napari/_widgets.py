@@ -37,7 +37,7 @@ from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .detect import DEFAULT_DETECTION, METHODS, SUBPIXEL_MODES, DetectionParams, detect_spots
-from .devices import PRECISIONS, available_devices, probe, resolve_device
+from .devices import PRECISIONS, available_devices, gpu_not_trusted, probe, resolve_device
 from .io import write_bytes
 from .model import BUNDLED_WEIGHTS, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_weights_path
 from ._reader_writer import points_layer_kwargs
@@ -442,7 +442,9 @@ class ModelPanel(Container):
         try:
             self.info.value = self.holder.description
             self.info.tooltip = str(self.holder.path or "the published DeepSpot weights shipped with the package")
-            self.device.tooltip = f"runs on {self.holder.runs_on}"
+            untrusted = gpu_not_trusted()
+            self.device.tooltip = f"runs on {self.holder.runs_on}" + (
+                f"\nthe GPU present is not used: {untrusted}" if untrusted else "")
             for combo, value in ((self.device, self.holder.device), (self.precision, self.holder.precision)):
                 if combo.value != value:
                     with combo.changed.blocked():
