@@ -444,6 +444,18 @@ static ds_status plan_execute(plan *pl, float *arena)
 
 /* ---------------------------------------------------------------- model */
 
+/* m's parameter arena, in the layout of every parameter arena (model_params_bind); n_params counts the values. */
+static ds_status params_alloc(ds_model *m, const param_table *t)
+{
+    for (int i = 0; i < t->count; i++)
+        m->n_params += entry_count(&t->entries[i]);
+    m->param_arena = malloc(model_param_floats() * sizeof(float));
+    if (!m->param_arena)
+        return ds_fail(DS_ERR_NOMEM, "out of memory");
+    model_params_bind(&m->params, m->param_arena);
+    return DS_OK;
+}
+
 ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
@@ -453,14 +465,8 @@ ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
     ds_status rc = st_read(&m->file, weights_path);
     param_table table;
     params_table(&m->params, &table);
-    if (rc == DS_OK) {
-        for (int i = 0; i < table.count; i++)
-            m->n_params += entry_count(&table.entries[i]);
-        m->param_arena = malloc(m->n_params * sizeof(float));
-        if (!m->param_arena)
-            rc = ds_fail(DS_ERR_NOMEM, "out of memory");
-    }
-    size_t offset = 0;
+    if (rc == DS_OK)
+        rc = params_alloc(m, &table);
     for (int i = 0; i < table.count && rc == DS_OK; i++) {
         const param_entry *e = &table.entries[i];
         const st_tensor *t = st_find(&m->file, e->name);
@@ -481,14 +487,12 @@ ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
             rc = ds_fail(DS_ERR_FORMAT, "tensor '%s' has shape [%s]; expected [%s]", e->name, got, expect);
             break;
         }
-        *e->slot = m->param_arena + offset;
         memcpy(*e->slot, t->data, t->count * sizeof(float));
         int is_variance = strstr(e->name, "moving_variance") != NULL;
         for (size_t k = 0; k < t->count && rc == DS_OK; k++)
             if (!isfinite((*e->slot)[k]) || (is_variance && (*e->slot)[k] < 0.0f))
                 rc = ds_fail(DS_ERR_FORMAT, "tensor '%s' holds %s", e->name,
                              isfinite((*e->slot)[k]) ? "a negative variance" : "NaN or Inf values");
-        offset += t->count;
     }
     if (rc == DS_OK && m->file.ntensors != table.count) {
         for (int i = 0; i < m->file.ntensors; i++) {
@@ -664,23 +668,15 @@ ds_status model_from_parameters(ds_model **out, const model_params *src, int mat
     }
     params_table(&m->params, table);
     params_table(&copy, src_table);
-    for (int i = 0; i < table->count; i++)
-        m->n_params += entry_count(&table->entries[i]);
-    m->param_arena = malloc(m->n_params * sizeof(float));
-    if (!m->param_arena) {
-        rc = ds_fail(DS_ERR_NOMEM, "out of memory");
+    if ((rc = params_alloc(m, table)) != DS_OK)
         goto done;
-    }
-    size_t offset = 0;
     for (int i = 0; i < table->count && rc == DS_OK; i++) {
         size_t count = entry_count(&table->entries[i]);
         const float *from = *src_table->entries[i].slot;
-        *table->entries[i].slot = m->param_arena + offset;
         memcpy(*table->entries[i].slot, from, count * sizeof(float));
         for (size_t k = 0; k < count && rc == DS_OK; k++)
             if (!isfinite(from[k]))
                 rc = ds_fail(DS_ERR_VALUE, "parameter '%s' holds NaN or Inf values", table->entries[i].name);
-        offset += count;
     }
     if (rc == DS_OK) {
         m->math_mode = math_mode;
