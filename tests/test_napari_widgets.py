@@ -5,9 +5,8 @@ viewer's event loop kept running during a run, and the plugin loaded through its
 
 Needs a display with OpenGL: uses $DISPLAY (e.g. under `xvfb-run -a pytest`), else starts its
 own Xvfb for the session (stopped once pytest has exited); skips with a reason when there is neither."""
-import os
 import shutil
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,31 +16,11 @@ import pytest
 napari = pytest.importorskip("napari", reason="napari is not installed (pip install 'deepspot-napari[napari]')")
 pytest.importorskip("pytestqt", reason="pytest-qt is not installed")
 
-
-def _start_xvfb() -> str | None:
-    """Starts Xvfb on a free display and exports DISPLAY; returns why not if it cannot. A watchdog
-    shell stops the server once this process has exited (after Qt let go of the display), also
-    when the process is killed."""
-    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
-        return None
-    if shutil.which("Xvfb") is None:
-        return "no display and no Xvfb: run under xvfb-run, or apt-get install xvfb"
-    read_fd, write_fd = os.pipe()
-    watchdog = ('Xvfb "$@" & x=$!; while kill -0 %d 2>/dev/null && kill -0 $x 2>/dev/null; do sleep 0.2; done; '
-                'kill $x 2>/dev/null; wait $x' % os.getpid())
-    subprocess.Popen(["sh", "-c", watchdog, "sh", "-displayfd", str(write_fd), "-screen", "0", "1600x1000x24",
-                      "-nolisten", "tcp"], pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        display = pipe.readline().strip()
-    if not display:
-        return "Xvfb did not start"
-    os.environ["DISPLAY"] = f":{display}"
-    return None
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from virtual_display import start_xvfb  # noqa: E402
 
 
-_why_not = _start_xvfb()
+_why_not = start_xvfb("1600x1000x24")
 if _why_not:
     pytest.skip(_why_not, allow_module_level=True)
 

@@ -13,38 +13,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from virtual_display import start_xvfb  # tools/ is the script's directory
+
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (1500, 900)
 MAX_BYTES = 300_000
-
-
-def start_xvfb() -> None:
-    """Starts Xvfb on a free display if there is none; a watchdog shell stops it once this
-    process has exited (after Qt let go of the display), also when the process is killed."""
-    if os.environ.get("DISPLAY"):
-        return
-    if shutil.which("Xvfb") is None:
-        sys.exit("make_screenshots: no $DISPLAY and no Xvfb (apt-get install xvfb, or run under xvfb-run -a)")
-    read_fd, write_fd = os.pipe()
-    watchdog = ('Xvfb "$@" & x=$!; while kill -0 %d 2>/dev/null && kill -0 $x 2>/dev/null; do sleep 0.2; done; '
-                'kill $x 2>/dev/null; wait $x' % os.getpid())
-    subprocess.Popen(["sh", "-c", watchdog, "sh", "-displayfd", str(write_fd), "-screen", "0", "1920x1200x24",
-                      "-nolisten", "tcp"], pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        display = pipe.readline().strip()
-    if not display:
-        sys.exit("make_screenshots: Xvfb did not start")
-    os.environ["DISPLAY"] = f":{display}"
 
 
 def main(argv=None) -> int:
@@ -55,7 +34,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))  # the checkout's package when it is not installed
     if "QT_API" not in os.environ and importlib.util.find_spec("PyQt6") is not None:
         os.environ["QT_API"] = "pyqt6"  # napari 0.9 shows a deprecation notice on PyQt5
-    start_xvfb()
+    why_not = start_xvfb("1920x1200x24")
+    if why_not:
+        sys.exit(f"make_screenshots: {why_not}")
     return shoot(args.out)
 
 
