@@ -54,6 +54,13 @@ def _report(exc: BaseException, what: str = "") -> None:
     show_error(f"{what}: {message}" if what else message)
 
 
+def _chosen_file(value, hint: str) -> Path:
+    """The file a path field names, or UserError(hint) when it names none (empty, '.', a folder)."""
+    if value is None or str(value) in ("", ".") or Path(value).expanduser().is_dir():
+        raise UserError(hint)
+    return Path(value).expanduser()
+
+
 def _guarded(what: str):
     """Decorates a button callback: any exception becomes one error notification."""
     def wrap(fn):
@@ -107,9 +114,7 @@ class CurrentModel:
         device = device or self.device
         precision = precision or self.precision
         if path is not None:
-            path = Path(path).expanduser()
-            if path.is_dir() or str(path) in ("", "."):
-                raise UserError("choose a .safetensors weights file first")
+            path = _chosen_file(path, "choose a .safetensors weights file first")
         model = Model.load(path, device=device, precision=precision)
         label = f"bundled ({BUNDLED_WEIGHTS})" if path is None else path.name
         with self._lock:
@@ -454,10 +459,8 @@ class ModelPanel(Container):
 
     @_guarded("Load weights")
     def _load(self, *_):
-        path = self.weights.value
-        if path is None or str(path) in ("", ".") or Path(path).is_dir():
-            raise UserError("choose a .safetensors weights file first (the 'weights' field)")
-        self.holder.load(path)
+        self.holder.load(_chosen_file(self.weights.value,
+                                      "choose a .safetensors weights file first (the 'weights' field)"))
         show_info(f"DeepSpot model: {self.holder.description}")
 
     @_guarded("Use bundled weights")
@@ -1195,10 +1198,7 @@ class TrainWidget(Container):
     @_guarded("Save model")
     def save(self, *_):
         """Writes the current model's weights (e.g. just fine-tuned) to the chosen .safetensors file."""
-        path = self.save_path.value
-        if path is None or str(path) in ("", ".") or Path(path).is_dir():
-            raise UserError("choose a file name to save the model to (the 'save as' field)")
-        path = Path(path).expanduser()
+        path = _chosen_file(self.save_path.value, "choose a file name to save the model to (the 'save as' field)")
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         holder = self.holder

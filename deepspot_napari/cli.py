@@ -70,8 +70,9 @@ def _load_model(args):
     model = Model.load(args.weights, device=args.device, precision=args.precision)
     if not args.quiet:
         print(f"deepspot: device: {model.device} ({probe(model.device)[1]}), {model.precision}", file=sys.stderr)
-    if model.device == "cpu" and args.device == "auto" and gpu_not_trusted():
-        print(f"deepspot: warning: a GPU is present but not used: {gpu_not_trusted()}", file=sys.stderr)
+    untrusted = gpu_not_trusted() if model.device == "cpu" and args.device == "auto" else None
+    if untrusted:
+        print(f"deepspot: warning: a GPU is present but not used: {untrusted}", file=sys.stderr)
     return model
 
 
