@@ -496,9 +496,13 @@ ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
     }
     if (rc == DS_OK && m->file.ntensors != table.count) {
         for (int i = 0; i < m->file.ntensors; i++) {
+            /* a training checkpoint also holds Adam's moments of each parameter: inference ignores them */
+            const char *name = m->file.tensors[i].name;
+            if (strncmp(name, "adam.m.", 7) == 0 || strncmp(name, "adam.v.", 7) == 0)
+                name += 7;
             int known = 0;
             for (int k = 0; k < table.count && !known; k++)
-                known = strcmp(m->file.tensors[i].name, table.entries[k].name) == 0;
+                known = strcmp(name, table.entries[k].name) == 0;
             if (!known) {
                 rc = ds_fail(DS_ERR_FORMAT, "weights file '%s' has an unexpected tensor '%s'", weights_path,
                              m->file.tensors[i].name);

@@ -135,17 +135,17 @@ class Model:
         with self._lock:
             return self._network.forward(np.ascontiguousarray(batch, dtype=np.float32), first_stage, last_stage)
 
-    def fit(self, images, points, *, epochs: int, **kwargs):
+    def fit(self, images, points, **kwargs):
         """Trains this model on annotated images and keeps the trained (best) weights in place;
         returns the History. images: 2D arrays; points: one (n, 2) array of (y, x) per image. See
-        deepspot_napari.train.fit for every option (batch_size, learning_rate, validation_split, seed,
-        max_term, dropout, checkpoint_dir, resume, patience, progress, cancel, simulate, ...).
+        deepspot_napari.train.fit for every option and its default (epochs, regions, batch_size,
+        learning_rate, validation_split, seed, patience, checkpoint_dir, resume, progress, cancel, ...).
         The trained network replaces this model's under its lock when training ends (an enhance()
         running meanwhile finishes with the old one) and stays on this model's device and
         precision; with a checkpoint_dir, `path` becomes its best.safetensors."""
         from .train import fit as train_fit
         kwargs.pop("return_trainer", None)
-        history, trainer = train_fit(self, images, points, epochs=epochs, return_trainer=True, **kwargs)
+        history, trainer = train_fit(self, images, points, return_trainer=True, **kwargs)
         network = trainer.to_network()
         with self._lock:
             self._network = network

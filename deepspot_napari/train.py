@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -35,15 +36,30 @@ import numpy as np
 
 from .safetensors_io import save_safetensors
 
-__all__ = ["fit", "History", "initial_parameters", "make_training_pair", "save_training_curves",
-           "STATE_FILE", "BEST_WEIGHTS"]
+__all__ = ["fit", "History", "initial_parameters", "make_training_pair", "save_training_curves", "annotation_gaps",
+           "IncompleteAnnotationWarning", "STATE_FILE", "BEST_WEIGHTS"]
 
 STAMP = np.array([[200, 230, 200], [230, 255, 230], [200, 230, 200]], dtype=np.float32)
 STATE_FILE = "state.json"
 BEST_WEIGHTS = "best.safetensors"
 CURVES_FILE = "curves.png"
-STATE_FORMAT = "deepspot-napari-training/2"  # 2: validation held out by image
+STATE_FORMAT = "deepspot-napari-training/3"  # 3: random crops, regions, early stopping on the F1
 SIZE_MULTIPLE = 8
+MIN_PATCH = 32            # the smallest crop (and validation strip) side: 4 cells at the trunk's 1/8 resolution
+# Defaults for fine-tuning on a few annotated images, measured on a real annotated smFISH image
+# (docs/training.md): 128 px crops in batches of 8, epochs of at least 10 steps, 30 epochs at most
+# (about 5 minutes on a 2-core CPU), stopping after 10 epochs without a better validation F1.
+DEFAULT_PATCH_SIZE = 128
+DEFAULT_EPOCHS = 30
+DEFAULT_PATIENCE = 10
+MIN_EPOCH_STEPS = 10
+WHOLE_AREA_SPLIT = 5      # from this many annotated areas on, validation holds out whole areas
+# An annotated area looks incompletely annotated when the model finds more than
+# max(GAP_MIN_COUNT, GAP_FRACTION x annotations) spots scoring >= GAP_SCORE without an annotation.
+GAP_SCORE = 0.9
+GAP_MIN_COUNT = 5
+GAP_FRACTION = 0.25
+OFFSET_JITTER = 0.2       # augment: the largest background offset added, as a fraction of the crop's maximum
 
 
 @dataclass
@@ -55,12 +71,13 @@ class History:
     bce: list[float] = field(default_factory=list)
     max_term: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)      # inference mode (moving statistics)
-    val_f1: list[float] = field(default_factory=list)        # mean per-patch F1 (nearest, 3 px)
+    val_f1: list[float] = field(default_factory=list)        # detection F1 pooled over the validation areas (nearest, 3 px)
     val_precision: list[float] = field(default_factory=list)
     val_recall: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     best_epoch: int | None = None
-    best_monitor: float | None = None
+    best_monitor: list[float] | None = None                  # what picked best_epoch: [-F1, loss] or [loss]
+    warnings: list[str] = field(default_factory=list)        # e.g. incomplete annotations found before training
     stopped_early: bool = False
     steps: int = 0
 
@@ -138,18 +155,14 @@ def _patch_starts(length: int, patch: int) -> list[int]:
     return starts
 
 
-def _patches(image: np.ndarray, points: np.ndarray, patch: int):
-    """Yields (patch image, points in patch coordinates) covering the image; zero-padded when small."""
-    h, w = image.shape
-    if h < patch or w < patch:
-        padded = np.zeros((max(h, patch), max(w, patch)), np.float32)
-        padded[:h, :w] = image
-        image, h, w = padded, padded.shape[0], padded.shape[1]
+def _patches(image: np.ndarray, points: np.ndarray, height: int, width: int):
+    """Yields (patch image, points in patch coordinates) of height x width patches covering the
+    image (the last row and column of patches aligned to its end); height and width <= its sides."""
     r = np.rint(points) if len(points) else np.zeros((0, 2))
-    for y0 in _patch_starts(h, patch):
-        for x0 in _patch_starts(w, patch):
-            inside = (r[:, 0] >= y0) & (r[:, 0] < y0 + patch) & (r[:, 1] >= x0) & (r[:, 1] < x0 + patch)
-            yield image[y0:y0 + patch, x0:x0 + patch], points[inside] - np.array([y0, x0], np.float64)
+    for y0 in _patch_starts(image.shape[0], height):
+        for x0 in _patch_starts(image.shape[1], width):
+            inside = (r[:, 0] >= y0) & (r[:, 0] < y0 + height) & (r[:, 1] >= x0) & (r[:, 1] < x0 + width)
+            yield image[y0:y0 + height, x0:x0 + width], points[inside] - np.array([y0, x0], np.float64)
 
 
 @dataclass
@@ -159,9 +172,6 @@ class _Data:
     points: list           # (k, 2) per patch
     sources: np.ndarray    # [n] the index of the image each patch was cut from
 
-    def subset(self, index: np.ndarray) -> "_Data":
-        return _Data(self.x[index], self.t[index], [self.points[i] for i in index], self.sources[index])
-
     def join(self, other: "_Data") -> "_Data":
         return _Data(np.concatenate([self.x, other.x]), np.concatenate([self.t, other.t]), self.points + other.points,
                      np.concatenate([self.sources, other.sources]))
@@ -170,31 +180,205 @@ class _Data:
         return len(self.x)
 
 
-def _prepare(images: Sequence, points: Sequence, patch: int) -> _Data:
+def _tiles(areas: Sequence["_Area"], patch: int) -> list[_Data]:
+    """The patches tiling each area (each scaled by its own maximum, with its target), at most
+    patch x patch and never padded (a narrow validation strip gets narrow tiles): what the
+    validation loss is computed on. One _Data per area (tiles of one area share a shape)."""
+    return [_area_tiles(area, patch) for area in areas]
+
+
+def _area_tiles(area: "_Area", patch: int) -> _Data:
+    xs, ts, ps, sources = [], [], [], []
+    h, w = (min(patch, n // SIZE_MULTIPLE * SIZE_MULTIPLE) for n in area.shape)
+    for tile, tile_points in _patches(area.image, area.points, h, w):
+        if tile.max() <= 0:
+            continue  # an empty (all-zero) patch has nothing to scale by
+        x, t = make_training_pair(tile, tile_points)
+        xs.append(x)
+        ts.append(t)
+        ps.append(tile_points)
+        sources.append(area.source)
+    if not xs:
+        return _Data(np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.float32), [], np.zeros(0, int))
+    return _Data(np.stack(xs), np.stack(ts), ps, np.array(sources))
+
+
+@dataclass
+class _Area:
+    """One annotated area: a whole image, or the rectangle of an image in which every spot is
+    marked (partial annotation). Only its pixels are trained or validated on."""
+    image: np.ndarray      # float32 pixels of the area
+    points: np.ndarray     # (k, 2) annotations in area coordinates
+    source: int            # index of the image it comes from
+    origin: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape
+
+    def part(self, axis: int, start: int, stop: int) -> "_Area":
+        """The sub-area [start, stop) along axis (0: rows, 1: columns)."""
+        index = [slice(None), slice(None)]
+        index[axis] = slice(start, stop)
+        r = np.rint(self.points)
+        keep = (r[:, axis] >= start) & (r[:, axis] < stop)
+        shift = np.zeros(2)
+        shift[axis] = start
+        origin = list(self.origin)
+        origin[axis] += start
+        return _Area(self.image[tuple(index)], self.points[keep] - shift, self.source, (origin[0], origin[1]))
+
+
+def _check_regions(regions, index: int, shape) -> list[tuple[int, int, int, int]]:
+    """An image's annotated rectangles (y0, x0, y1, x1), end-exclusive; None means the whole image."""
+    if regions is None:
+        return [(0, 0, shape[0], shape[1])]
+    r = np.asarray(regions, dtype=np.float64)
+    if r.ndim == 1:
+        r = r[None]
+    if r.ndim != 2 or r.shape[1] != 4 or len(r) == 0:
+        raise ValueError(f"regions {index}: expected a rectangle (y0, x0, y1, x1) or a list of them, got shape {r.shape}")
+    if not np.all(np.isfinite(r)):
+        raise ValueError(f"regions {index} hold NaN or Inf values")
+    out = []
+    for y0, x0, y1, x1 in np.rint(r).astype(int):
+        if not (0 <= y0 < y1 <= shape[0] and 0 <= x0 < x1 <= shape[1]):
+            raise ValueError(f"regions {index}: rectangle (y0, x0, y1, x1) = ({y0}, {x0}, {y1}, {x1}) is empty or "
+                             f"not inside the {shape[0]}x{shape[1]} image")
+        out.append((int(y0), int(x0), int(y1), int(x1)))
+    return out
+
+
+def _prepare_areas(images: Sequence, points: Sequence, regions: Sequence | None) -> list[_Area]:
     if isinstance(images, np.ndarray) and images.ndim == 2:
-        images = [images]
-        points = [points]
+        images, points = [images], [points]
+        regions = None if regions is None else [regions]
     images, points = list(images), list(points)
     if len(images) != len(points):
         raise ValueError(f"got {len(images)} images but {len(points)} point lists; give one (n, 2) array of "
                          "(y, x) points per image")
     if not images:
         raise ValueError("no training images given")
-    xs, ts, ps, sources = [], [], [], []
+    if regions is not None and len(regions) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(regions)} region entries; give one per image (None: "
+                         "the whole image is annotated)")
+    areas = []
     for i, (image, pts) in enumerate(zip(images, points)):
         image = _check_image(image, i)
         pts = _check_points(pts, image.shape, i)
-        for tile, tile_points in _patches(image, pts, patch):
-            if tile.max() <= 0:
-                continue  # an empty (all-zero) patch has nothing to scale by
-            x, t = make_training_pair(tile, tile_points)
-            xs.append(x)
-            ts.append(t)
-            ps.append(tile_points)
-            sources.append(i)
-    if not xs:
-        raise ValueError("no usable training patches (every patch is all zero)")
+        r = np.rint(pts) if len(pts) else np.zeros((0, 2))
+        for y0, x0, y1, x1 in _check_regions(None if regions is None else regions[i], i, image.shape):
+            crop = image[y0:y1, x0:x1]
+            if crop.max() <= 0:
+                continue  # an all-zero area has nothing to scale by
+            inside = (r[:, 0] >= y0) & (r[:, 0] < y1) & (r[:, 1] >= x0) & (r[:, 1] < x1)
+            areas.append(_Area(crop, pts[inside] - np.array([y0, x0], np.float64), i, (y0, x0)))
+    if not areas:
+        raise ValueError("no usable training data (every image or region is all zero)")
+    return areas
+
+
+def _split_validation(areas: list[_Area], fraction: float, seed: int) -> tuple[list[_Area], list[_Area]]:
+    """(training areas, validation areas). With WHOLE_AREA_SPLIT or more areas, whole areas are held
+    out (seeded order) until about `fraction` of the pixels, so that nothing validated has a
+    neighbour in training; with fewer, a strip of `fraction` of each area along one edge is held
+    out (of the four edges, the one holding the share of the annotations closest to `fraction`),
+    so that a single annotated image or region still validates on pixels it never trained on.
+    Raises when the split would leave either side too small to use."""
+    if fraction == 0:
+        return areas, []
+    if len(areas) >= WHOLE_AREA_SPLIT:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11]))
+        sizes = np.array([a.image.size for a in areas], float)
+        wanted, held = fraction * sizes.sum(), np.zeros(len(areas), bool)
+        for k in rng.permutation(len(areas))[:-1]:  # at least one area always trains
+            if held.any() and abs(sizes[held].sum() + sizes[k] - wanted) > abs(sizes[held].sum() - wanted):
+                break
+            held[k] = True
+        return [a for a, h in zip(areas, held) if not h], [a for a, h in zip(areas, held) if h]
+    train, val = [], []
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5721]))
+    for area in areas:
+        # the four edge strips: (axis, at the far end?); the one whose share of the annotations is
+        # closest to `fraction` validates, so that it is as representative as a strip can be
+        choices = []
+        for axis in (0, 1):
+            length = area.shape[axis]
+            width = int(round(fraction * length))
+            if width < MIN_PATCH or length - width < MIN_PATCH:
+                continue
+            for far in (False, True):
+                start, stop = (length - width, length) if far else (0, width)
+                r = np.rint(area.points[:, axis]) if len(area.points) else np.zeros(0)
+                share = np.mean((r >= start) & (r < stop)) if len(r) else fraction
+                choices.append((abs(share - fraction), rng.random(), axis, start, stop))
+        if not choices:
+            raise ValueError(f"validation_split={fraction:g} of an annotated area of {area.shape[0]}x{area.shape[1]} px "
+                             f"leaves too little on one side: the validation strip and the rest each need at least "
+                             f"{MIN_PATCH} px; annotate a larger area, change validation_split, or set it to 0 "
+                             "(no validation, no early stopping)")
+        _, _, axis, start, stop = min(choices)
+        length = area.shape[axis]
+        val.append(area.part(axis, start, stop))
+        train.append(area.part(axis, stop, length) if start == 0 else area.part(axis, 0, start))
+    return train, val
+
+
+def _patch_side(areas: Sequence[_Area], patch_size: int) -> int:
+    """The training patch side: patch_size, or the smallest training area's side rounded down to a
+    multiple of 8 when that is smaller (a crop never leaves its area)."""
+    smallest = min(min(a.shape) for a in areas)
+    side = min(patch_size, smallest // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    if side < MIN_PATCH:
+        raise ValueError(f"an annotated area of {smallest} px is too small to train on: each image or region needs "
+                         f"sides of at least {MIN_PATCH} px")
+    return side
+
+
+def _crops(areas: Sequence[_Area], n: int, patch: int, rng: np.random.Generator, augment: bool) -> _Data:
+    """n random patch x patch crops of the areas (an area is picked in proportion to its pixels),
+    each scaled by its own maximum with its target; with augment, each is turned by one of the 8
+    rotations/reflections of the square and, half of the time, given a uniform background offset
+    of up to 20 % of its maximum (dimmer spots on a brighter background) before scaling."""
+    sizes = np.array([a.image.size for a in areas], float)
+    which = rng.choice(len(areas), size=n, p=sizes / sizes.sum())
+    xs, ts, ps, sources = [], [], [], []
+    for k in which:
+        area = areas[k]
+        h, w = area.shape
+        for _ in range(100):  # an all-zero crop has nothing to scale by: draw another
+            y0, x0 = int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))
+            tile = area.image[y0:y0 + patch, x0:x0 + patch]
+            if tile.max() > 0:
+                break
+        else:
+            raise ValueError(f"image {area.source}: its annotated area is almost all zero; nothing to train on")
+        r = np.rint(area.points) if len(area.points) else np.zeros((0, 2))
+        inside = (r[:, 0] >= y0) & (r[:, 0] < y0 + patch) & (r[:, 1] >= x0) & (r[:, 1] < x0 + patch)
+        pts = area.points[inside] - np.array([y0, x0], np.float64)
+        if augment:
+            turns, flip, offset = int(rng.integers(4)), bool(rng.integers(2)), rng.random()
+            if offset < 0.5:
+                tile = tile + np.float32(offset * 2 * OFFSET_JITTER * float(tile.max()))
+            tile = np.rot90(tile, turns)
+            pts = _rotate_points(pts, patch, turns)
+            if flip:
+                tile = tile[:, ::-1]
+                pts = pts * [1, -1] + [0, patch - 1]
+        x, t = make_training_pair(np.ascontiguousarray(tile), pts)
+        xs.append(x)
+        ts.append(t)
+        ps.append(pts)
+        sources.append(area.source)
     return _Data(np.stack(xs), np.stack(ts), ps, np.array(sources))
+
+
+def _rotate_points(points: np.ndarray, side: int, turns: int) -> np.ndarray:
+    """Points (y, x) of a side x side patch after np.rot90(patch, turns) (counter-clockwise)."""
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    for _ in range(turns % 4):
+        p = np.stack([side - 1 - p[:, 1], p[:, 0]], axis=1)
+    return p
 
 
 def _simulated(n: int, patch: int, seed: int, epoch: int) -> _Data:
@@ -210,34 +394,12 @@ def _simulated(n: int, patch: int, seed: int, epoch: int) -> _Data:
     return _Data(np.stack(xs), np.stack(ts), ps, -1 - np.arange(n))  # each its own image, apart from the user's
 
 
-def _validation_mask(data: _Data, fraction: float, seed: int) -> np.ndarray:
-    """Which patches validate: whole images (seeded order) until about `fraction` of the patches, so that
-    no validation patch has a neighbour from its own image in training; by patch when there is only one
-    image. At least one patch stays for training."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11]))
-    wanted = int(round(fraction * len(data))) if len(data) > 1 else 0
-    images = np.unique(data.sources)
-    if wanted == 0:
-        return np.zeros(len(data), bool)
-    if len(images) == 1:
-        mask = np.zeros(len(data), bool)
-        mask[rng.permutation(len(data))[:wanted]] = True
-        return mask
-    mask = np.zeros(len(data), bool)
-    for image in rng.permutation(images)[:-1]:  # the last image always trains
-        if mask.sum() >= wanted:
-            break
-        candidate = mask | (data.sources == image)
-        # take the image if that brings the count closer to the wanted one
-        if abs(candidate.sum() - wanted) <= abs(mask.sum() - wanted) or not mask.any():
-            mask = candidate
-    return mask
-
-
-def _fingerprint(data: _Data) -> str:
+def _fingerprint(areas: Sequence[_Area]) -> str:
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(data.x).tobytes())
-    h.update(np.ascontiguousarray(data.t).tobytes())
+    for area in areas:
+        h.update(repr((area.source, area.origin, area.shape)).encode())
+        h.update(np.ascontiguousarray(area.image).tobytes())
+        h.update(np.ascontiguousarray(area.points, np.float64).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -299,23 +461,61 @@ def _write_json(path: Path, obj) -> None:
 
 # ---------------------------------------------------------------------------------------------- validation
 
-def _validate(trainer, data: _Data, batch_size: int, detection) -> tuple[float, float, float, float]:
+def _validate(trainer, model, tiles: Sequence[_Data], areas: Sequence[_Area], batch_size: int,
+              detection) -> tuple[float, float, float, float]:
+    """(loss, F1, precision, recall) on the validation areas, in inference mode: the loss over the
+    patches tiling them; the detection scores from enhancing each whole area with the network as it
+    is now (exactly what Model.enhance would give) and detecting with `detection` (default: the
+    package's fixed detector), pooled over the areas (nearest match within 3 px)."""
     from .detect import detect_spots
-    from .metrics import match_nearest
-    if len(data) == 0:
+    from .metrics import MatchCounts, match_nearest
+    from .model import Model
+    if not areas:
         return math.nan, math.nan, math.nan, math.nan
-    total, f1s, precisions, recalls = 0.0, [], [], []
-    for start in range(0, len(data), batch_size):
-        x, t = data.x[start:start + batch_size], data.t[start:start + batch_size]
-        pred, (loss, _, _) = trainer.evaluate(x, t)
-        total += loss * len(x)
-        for k, p in enumerate(pred):
-            spots = detect_spots(p, params=detection) if detection is not None else detect_spots(p)
-            counts = match_nearest(data.points[start + k], spots.coords)
-            f1s.append(counts.f1)
-            precisions.append(counts.precision)
-            recalls.append(counts.recall)
-    return total / len(data), float(np.mean(f1s)), float(np.mean(precisions)), float(np.mean(recalls))
+    total, count = 0.0, 0
+    for data in tiles:
+        for start in range(0, len(data), batch_size):
+            x, t = data.x[start:start + batch_size], data.t[start:start + batch_size]
+            total += trainer.evaluate(x, t)[1][0] * len(x)
+            count += len(x)
+    current = Model(trainer.to_network(), model.path, model.device)
+    tp = fp = fn = ambiguous = 0
+    for area in areas:
+        enhanced = current.enhance(area.image)
+        spots = detect_spots(enhanced, params=detection) if detection is not None else detect_spots(enhanced)
+        counts = match_nearest(area.points, spots.coords)
+        tp, fp, fn, ambiguous = tp + counts.tp, fp + counts.fp, fn + counts.fn, ambiguous + counts.ambiguous
+    pooled = MatchCounts(tp=tp, fp=fp, fn=fn, ambiguous=ambiguous)
+    return total / max(count, 1), pooled.f1, pooled.precision, pooled.recall
+
+
+class IncompleteAnnotationWarning(UserWarning):
+    """The annotated area holds many strong spots that are not annotated: training would teach
+    the network that they are background."""
+
+
+def annotation_gaps(model, areas: Sequence[_Area], detection=None, min_score: float = GAP_SCORE) -> list[str]:
+    """One message per area whose annotations look incomplete: the model (before training) finds
+    more than max(GAP_MIN_COUNT, GAP_FRACTION x the annotations) spots scoring >= min_score with no
+    annotation within 3 px. Unannotated spots inside an annotated area are taught as background."""
+    from .detect import detect_spots
+    from scipy.spatial import cKDTree
+    messages = []
+    for area in areas:
+        enhanced = model.enhance(area.image)
+        spots = detect_spots(enhanced, params=detection) if detection is not None else detect_spots(enhanced)
+        strong = spots.coords[spots.score >= min_score]
+        if len(strong) and len(area.points):
+            strong = strong[cKDTree(area.points).query(strong, k=1)[0] > 3.0]
+        if len(strong) > max(GAP_MIN_COUNT, GAP_FRACTION * len(area.points)):
+            y0, x0 = area.origin
+            messages.append(
+                f"image {area.source}, area from (y, x) = ({y0}, {x0}), {area.shape[0]}x{area.shape[1]} px: the "
+                f"current model finds {len(strong)} strong spots there that have no annotation within 3 px "
+                f"({len(area.points)} annotated), e.g. at (y, x) = ({strong[0][0] + y0:.0f}, {strong[0][1] + x0:.0f}). "
+                "Every unannotated spot inside an annotated area is taught as background: annotate them, or "
+                "limit training to the part you annotated completely (regions)")
+    return messages
 
 
 # ---------------------------------------------------------------------------------------------- fit
@@ -325,36 +525,51 @@ def _resolve_model(model_or_path):
     return model_or_path if isinstance(model_or_path, Model) else Model.load(model_or_path)
 
 
-def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: int = 8,
+def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCHS, batch_size: int = 8,
         learning_rate: float = 1e-4, validation_split: float = 0.2, seed: int = 0, max_term: str = "batch",
         dropout: float = 0.2, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
-        patience: int = 200, progress: Callable[[int, int], None] | None = None,
-        cancel: Callable[[], bool] | None = None, simulate: int = 0, patch_size: int = 256,
+        patience: int = DEFAULT_PATIENCE, progress: Callable[[int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None, simulate: int = 0, patch_size: int = DEFAULT_PATCH_SIZE,
         from_scratch: bool = False, bn_bessel: bool = False, detection=None, on_epoch: Callable[[dict], None] | None = None,
-        return_trainer: bool = False):
+        return_trainer: bool = False, regions: Sequence | None = None, augment: bool = True, monitor: str = "f1",
+        steps_per_epoch: int | None = None, check_annotations: bool = True):
     """Trains the network on `images` (2D arrays, any size) annotated with `points` ((n, 2) arrays of
     (y, x) pixel positions, one per image) and returns a History (and the trainer if
     return_trainer; `trainer.to_network()` gives the trained inference network).
 
+    The defaults are for fine-tuning on a few annotated images (a few minutes on a 2-core CPU):
+    random patch_size crops of the annotated areas, turned and flipped at random, with a random
+    background offset half of the time (augment); early stopping on the detection F1 of a held-out
+    part of the annotated area; the best epoch's weights kept.
+
     model_or_path: a Model (training runs on its device and precision), a safetensors weights path,
     or None for the bundled published weights (both loaded with Model.load's defaults: device "auto",
     float32); from_scratch=True replaces them by Keras' default initialisation (seeded).
+    regions: partial annotation. None (every image fully annotated), or one entry per image: None,
+    a rectangle (y0, x0, y1, x1) (end-exclusive pixels), or a list of rectangles: only there were
+    all spots marked, so only there is trained and validated (crops never leave a rectangle, so
+    unmarked spots outside it cost nothing).
     epochs, batch_size, learning_rate (Adam, beta 0.9/0.999, epsilon 1e-7), dropout (spatial dropout
     rate), max_term ("batch": the authors' code, "per_image": the paper, "none"): the recipe.
+    steps_per_epoch: None = enough crops to cover the training areas once, and at least
+    MIN_EPOCH_STEPS steps (so that validation does not dominate on small annotations).
     bn_bessel: the BN moving variance takes the unbiased batch variance (TF 2.x's fused batch norm,
     which trained the published weights) instead of the biased one (Keras 3, the default).
-    validation_split: fraction of the patches held out (seeded), as whole images when there are several
-    (patches of one image are correlated, so a held-out image is the honest test), else as patches;
-    validated after each epoch in
-    inference mode (loss and mean per-patch F1 of detect_spots on the enhanced patch against the
-    annotations, nearest match within 3 px; `detection` = DetectionParams to use).
-    patience: epochs without a better validation loss (training loss without validation) after
-    which training stops (as Keras' EarlyStopping; 0 acts as 1); the best weights are restored at
-    the end (restore_best_weights).
-    checkpoint_dir: where each epoch's checkpoint, the best weights (best.safetensors, loadable by
-    Model.load), the state file and curves.png go; with resume=True a run found there continues.
+    validation_split: held out for validation (_split_validation explains how: whole areas when
+    there are WHOLE_AREA_SPLIT or more, else a strip at the far end of each); a split that leaves
+    a side too small raises. 0: no validation (the training loss decides the best epoch).
+    After each epoch: the validation loss (inference mode) and the detection F1 / precision / recall
+    of the enhanced validation areas (`detection` = DetectionParams; default the fixed detector).
+    monitor: "f1" (the default; ties go to the lower validation loss) or "loss": what picks the best
+    epoch. patience: epochs without a better monitor value after which training stops (0 acts as
+    1); the best epoch's weights are restored at the end.
+    check_annotations: before training, warn (IncompleteAnnotationWarning, also in
+    History.warnings) where the model already finds many strong unannotated spots in an area.
+    checkpoint_dir: where each epoch's checkpoint (loadable by Model.load too), the best weights
+    (best.safetensors), the state file and curves.png go; with resume=True a run found there continues.
     simulate: this many extra simulated images (simulate.simulate_image, "hybrid" recipe) join the
-    training set each epoch. patch_size: side of the training patches (a multiple of 8).
+    training crops each epoch. patch_size: side of the training crops (a multiple of 8; smaller
+    areas lower it to their side).
     progress(done, total) after each step; cancel() -> True stops with model.Cancelled (the
     checkpoint of the last complete epoch stays valid)."""
     from .model import Cancelled
@@ -371,29 +586,37 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if not (learning_rate > 0 and math.isfinite(learning_rate)):
         raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    if patch_size < SIZE_MULTIPLE or patch_size % SIZE_MULTIPLE:
-        raise ValueError(f"patch_size must be a positive multiple of {SIZE_MULTIPLE}, got {patch_size}")
+    if patch_size < MIN_PATCH or patch_size % SIZE_MULTIPLE:
+        raise ValueError(f"patch_size must be a multiple of {SIZE_MULTIPLE} and at least {MIN_PATCH}, got {patch_size}")
     if simulate < 0 or patience < 0:
         raise ValueError("simulate and patience must be >= 0")
+    if monitor not in ("f1", "loss"):
+        raise ValueError(f"monitor must be 'f1' or 'loss', got {monitor!r}")
+    if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or steps_per_epoch < 1):
+        raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
 
-    data = _prepare(images, points, patch_size)
-    val_mask = _validation_mask(data, validation_split, seed)
-    train, val = data.subset(np.flatnonzero(~val_mask)), data.subset(np.flatnonzero(val_mask))
+    areas = _prepare_areas(images, points, regions)
+    train, val = _split_validation(areas, validation_split, seed)
+    patch = _patch_side(train, patch_size)
+    val_tiles = _tiles(val, patch)
 
-    trainer = _resolve_model(model_or_path).make_trainer(learning_rate=learning_rate, dropout=dropout,
-                                                         max_term=max_term, seed=seed, bn_bessel=bool(bn_bessel))
+    model = _resolve_model(model_or_path)
+    trainer = model.make_trainer(learning_rate=learning_rate, dropout=dropout, max_term=max_term, seed=seed,
+                                 bn_bessel=bool(bn_bessel))
     if from_scratch:
         for name, value in initial_parameters(trainer, seed).items():
             trainer.set(name, value)
 
     settings = dict(format=STATE_FORMAT, batch_size=int(batch_size), learning_rate=float(learning_rate),
                     validation_split=float(validation_split), seed=int(seed), max_term=max_term,
-                    dropout=float(dropout), simulate=int(simulate), patch_size=int(patch_size),
-                    from_scratch=bool(from_scratch), bn_bessel=bool(bn_bessel), data=_fingerprint(data))
+                    dropout=float(dropout), simulate=int(simulate), patch_size=int(patch),
+                    from_scratch=bool(from_scratch), bn_bessel=bool(bn_bessel), augment=bool(augment),
+                    monitor=monitor, steps_per_epoch=steps_per_epoch, data=_fingerprint(areas))
     history = History()
     start_epoch, wait = 0, 0
     best_params: dict[str, np.ndarray] | None = None
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resumed = False
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
         state_path = ckpt / STATE_FILE
@@ -408,23 +631,30 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
             trainer.step_count = int(state["step_count"])
             history = History.from_dict(state["history"])
             start_epoch, wait = int(state["epoch"]), int(state["wait"])
+            resumed = True
+    if check_annotations and not from_scratch and not resumed:
+        history.warnings = annotation_gaps(model, areas, detection)
+        for message in history.warnings:
+            warnings.warn(message, IncompleteAnnotationWarning, stacklevel=2)
 
-    steps_per_epoch = -(-(len(train) + simulate) // batch_size)
-    total_steps = steps_per_epoch * epochs
-    done = start_epoch * steps_per_epoch
-    monitor_name = "val_loss" if len(val) else "loss"
+    tiles_per_epoch = sum(len(_patch_starts(a.shape[0], patch)) * len(_patch_starts(a.shape[1], patch)) for a in train)
+    steps = steps_per_epoch or max(-(-(tiles_per_epoch + simulate) // batch_size), MIN_EPOCH_STEPS)
+    total_steps = steps * epochs
+    done = start_epoch * steps
+    monitor_name = ("val_f1" if monitor == "f1" else "val_loss") if val else "loss"
 
     for epoch in range(start_epoch, epochs):
         if history.stopped_early:
             break
         began = time.perf_counter()
-        epoch_data = train
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED]))
+        # user crops fill what the simulated images leave of the epoch's steps x batch_size samples
+        epoch_data = _crops(train, max(steps * batch_size - simulate, 1), patch, rng, augment)
         if simulate:
-            extra = _simulated(simulate, patch_size, seed, epoch)
-            epoch_data = train.join(extra)
-        perm = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED])).permutation(len(epoch_data))
+            epoch_data = epoch_data.join(_simulated(simulate, patch, seed, epoch))
+        perm = rng.permutation(len(epoch_data))
         sums = np.zeros(3)
-        for b in range(steps_per_epoch):
+        for b in range(steps):
             idx = np.sort(perm[b * batch_size:(b + 1) * batch_size])
             sums += trainer.step(np.ascontiguousarray(epoch_data.x[idx]), np.ascontiguousarray(epoch_data.t[idx]))
             done += 1
@@ -432,8 +662,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
                 progress(done, total_steps)
             if cancel is not None and cancel():
                 raise Cancelled(f"training cancelled in epoch {epoch + 1}")
-        means = sums / steps_per_epoch
-        val_loss, val_f1, val_p, val_r = _validate(trainer, val, batch_size, detection)
+        means = sums / steps
+        val_loss, val_f1, val_p, val_r = _validate(trainer, model, val_tiles, val, batch_size, detection)
         history.epoch.append(epoch + 1)
         history.loss.append(float(means[0]))
         history.bce.append(float(means[1]))
@@ -444,12 +674,13 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int, batch_size: in
         history.val_recall.append(val_r)
         history.seconds.append(time.perf_counter() - began)
         history.steps = trainer.step_count
-        monitor = val_loss if len(val) else float(means[0])
-        improved = history.best_monitor is None or monitor < history.best_monitor
+        # a key that is smaller when better: (-F1, loss) for "f1", the loss alone for "loss"
+        key = ([-val_f1, val_loss] if monitor == "f1" else [val_loss]) if val else [float(means[0])]
+        improved = history.best_monitor is None or key < list(np.atleast_1d(history.best_monitor))
         if improved:
-            history.best_epoch, history.best_monitor, wait = epoch + 1, monitor, 0
+            history.best_epoch, history.best_monitor, wait = epoch + 1, key, 0
             if ckpt is not None:
-                _save_weights(trainer, ckpt / BEST_WEIGHTS, False, {"epoch": epoch + 1, monitor_name: monitor})
+                _save_weights(trainer, ckpt / BEST_WEIGHTS, False, {"epoch": epoch + 1, monitor_name: abs(key[0])})
             else:
                 best_params = {name: trainer.get(name) for name in trainer.names}
         else:
