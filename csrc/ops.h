@@ -108,11 +108,14 @@ ds_status conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbi
                         const float *src);
 
 /* Batch norm, optionally followed by ReLU (fused: the op keeps the ReLU mask until its backward).
- * training = 1: normalises with the batch statistics and writes them to mean, variance (biased,
- * i.e. divided by N as Keras normalises with); training = 0: normalises with the given mean and
- * variance (inference) and no backward is possible. */
+ * DS_BN_BATCH_STATISTICS: normalises with the batch statistics and writes them to mean, variance
+ * (biased, i.e. divided by N as Keras normalises with); DS_BN_INFERENCE: normalises with the given
+ * mean and variance and no backward is possible; DS_BN_FROZEN: normalises with the given mean and
+ * variance (the moving statistics) and has a backward that holds them constant (a frozen batch norm,
+ * the usual way to fine-tune on little data: training computes what inference computes). */
+enum { DS_BN_INFERENCE = 0, DS_BN_BATCH_STATISTICS = 1, DS_BN_FROZEN = 2 };
 ds_status batchnorm_train_create(ds_train_op **op, ds_backend *backend, int batch, int channels, int height,
-                                 int width, float epsilon, int relu, int training);
+                                 int width, float epsilon, int relu, int mode);
 ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, float *variance, const float *src,
                                   const float *gamma, const float *beta);
 /* ddst may be overwritten (a backend may apply the ReLU mask in place); beta lets a backend recompute the

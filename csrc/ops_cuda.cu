@@ -1110,10 +1110,18 @@ static ds_status batchnorm_train_build(ds_train_op *op, int batch, int channels,
 }
 
 ds_status batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                                 int width, float epsilon, int relu, int training)
+                                 int width, float epsilon, int relu, int mode)
 {
     if (batch < 1 || channels < 1 || height < 1 || width < 1)
         return ds_fail(DS_ERR_VALUE, "batch norm: inconsistent shape");
+    /* cuDNN's batch norm backward always differentiates through the batch statistics; a frozen one
+     * needs its own kernels, not written until a GPU can test them */
+    if (mode == DS_BN_FROZEN)
+        return ds_fail(DS_ERR_VALUE, "a frozen batch norm (batch_norm='frozen') is not available on the CUDA backend "
+                                     "yet: train with batch_norm='batch' on the GPU, or on the CPU");
+    if (mode != DS_BN_INFERENCE && mode != DS_BN_BATCH_STATISTICS)
+        return ds_fail(DS_ERR_VALUE, "batch norm: unknown mode %d", mode);
+    int training = mode == DS_BN_BATCH_STATISTICS;
     if (!(epsilon >= CUDNN_BN_MIN_EPSILON))
         return ds_fail(DS_ERR_VALUE, "batch norm: epsilon %g below cuDNN's minimum %g", epsilon, CUDNN_BN_MIN_EPSILON);
     ds_train_op *op;

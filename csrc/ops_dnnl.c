@@ -706,16 +706,20 @@ ds_status conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbi
 /* ---- batch norm (+ ReLU), training and inference with statistics passed per call ---- */
 
 ds_status batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                                 int width, float epsilon, int relu, int training)
+                                 int width, float epsilon, int relu, int mode)
 {
+    if (mode != DS_BN_INFERENCE && mode != DS_BN_BATCH_STATISTICS && mode != DS_BN_FROZEN)
+        return ds_fail(DS_ERR_VALUE, "batch norm: unknown mode %d", mode);
+    int training = mode != DS_BN_INFERENCE; /* has a backward */
     ds_train_op *op;
     DS_TRY(top_alloc(&op, backend));
     op->training = training;
     dnnl_memory_desc_t md = NULL, vec_md = NULL;
     dnnl_primitive_desc_t fwd_pd = NULL, bwd_pd = NULL;
     ds_status rc;
+    /* with global statistics oneDNN's backward treats mean and variance as constants */
     unsigned flags = dnnl_use_scale | dnnl_use_shift | (relu ? dnnl_fuse_norm_relu : 0) |
-                     (training ? 0 : dnnl_use_global_stats);
+                     (mode == DS_BN_BATCH_STATISTICS ? 0 : dnnl_use_global_stats);
     if ((rc = nhwc_desc(&md, batch, channels, height, width)) || (rc = vector_desc(&vec_md, channels)))
         goto done;
     if (dnnl_batch_normalization_forward_primitive_desc_create(&fwd_pd, backend->engine,

@@ -702,6 +702,7 @@ static int parse_mode(const char *value, const char *what, const char *const *na
 
 static const char *const bce_names[] = {"logits", "clipped"};
 static const char *const max_names[] = {"batch", "per_image", "none"};
+static const char *const batch_norm_names[] = {"batch", "frozen"}; /* index: ds_train_config.bn_frozen */
 
 /* A [batch, height, width] float32 C-contiguous array (None allowed when optional). */
 static PyArrayObject *as_bhw(PyObject *obj, const char *what)
@@ -724,19 +725,20 @@ typedef struct {
 static int Trainer_init(TrainerObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"network", "learning_rate", "beta1", "beta2", "epsilon", "dropout", "bn_momentum",
-                               "bn_bessel", "bce", "max_term", "seed", NULL};
+                               "bn_bessel", "bce", "max_term", "seed", "batch_norm", NULL};
     PyObject *network;
     ds_train_config cfg;
     train_config_default(&cfg);
-    const char *bce = "logits", *max_term = "batch";
+    const char *bce = "logits", *max_term = "batch", *batch_norm = "batch";
     int bessel = 0;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!|$fddffdpssK", keywords, &NetworkType, &network,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!|$fddffdpssKs", keywords, &NetworkType, &network,
                                      &cfg.learning_rate, &cfg.beta1, &cfg.beta2, &cfg.adam_epsilon, &cfg.dropout_rate,
-                                     &cfg.bn_momentum, &bessel, &bce, &max_term, &seed))
+                                     &cfg.bn_momentum, &bessel, &bce, &max_term, &seed, &batch_norm))
         return -1;
     if (parse_mode(bce, "bce", bce_names, 2, &cfg.bce_mode) < 0 ||
-        parse_mode(max_term, "max_term", max_names, 3, &cfg.max_mode) < 0)
+        parse_mode(max_term, "max_term", max_names, 3, &cfg.max_mode) < 0 ||
+        parse_mode(batch_norm, "batch_norm", batch_norm_names, 2, &cfg.bn_frozen) < 0)
         return -1;
     cfg.bn_bessel = bessel;
     cfg.seed = seed;
@@ -1039,11 +1041,11 @@ static PyObject *Trainer_get_config(TrainerObject *self, void *closure)
     if (!self->trainer)
         return PyErr_Format(PyExc_RuntimeError, "trainer is not initialised");
     const ds_train_config *c = trainer_get_config(self->trainer);
-    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:O,s:s,s:s,s:K}", "learning_rate", (double)c->learning_rate,
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:O,s:s,s:s,s:K,s:s}", "learning_rate", (double)c->learning_rate,
                          "beta1", c->beta1, "beta2", c->beta2, "epsilon", (double)c->adam_epsilon,
                          "dropout", (double)c->dropout_rate, "bn_momentum", c->bn_momentum, "bn_bessel",
                          c->bn_bessel ? Py_True : Py_False, "bce", bce_names[c->bce_mode], "max_term",
-                         max_names[c->max_mode], "seed", c->seed);
+                         max_names[c->max_mode], "seed", c->seed, "batch_norm", batch_norm_names[c->bn_frozen]);
 }
 
 static PyMethodDef Trainer_methods[] = {
@@ -1077,8 +1079,9 @@ static PyTypeObject TrainerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = DS_QUALIFIED("Trainer"),
     .tp_doc = "Trainer(network, *, learning_rate=1e-4, beta1=0.9, beta2=0.999, epsilon=1e-7, dropout=0.2, "
-              "bn_momentum=0.99, bn_bessel=False, bce='logits', max_term='batch', seed=0): trains a copy of the "
-              "network's parameters in C, on the network's backend and math mode.",
+              "bn_momentum=0.99, bn_bessel=False, bce='logits', max_term='batch', seed=0, batch_norm='batch'): trains a "
+              "copy of the network's parameters in C, on the network's backend and math mode. batch_norm='frozen' "
+              "normalises with the moving statistics in training too and keeps them (CPU only for now).",
     .tp_basicsize = sizeof(TrainerObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -40,6 +40,8 @@ static ds_status check_config(const ds_train_config *c)
         return ds_fail(DS_ERR_VALUE, "dropout rate %g: expected 0 <= rate < 1", c->dropout_rate);
     if (!(c->bn_momentum >= 0.0 && c->bn_momentum <= 1.0))
         return ds_fail(DS_ERR_VALUE, "batch norm momentum %g: expected 0..1", c->bn_momentum);
+    if (c->bn_frozen != 0 && c->bn_frozen != 1)
+        return ds_fail(DS_ERR_VALUE, "bn_frozen %d: expected 0 or 1", c->bn_frozen);
     if (c->bce_mode != DS_BCE_LOGITS && c->bce_mode != DS_BCE_CLIPPED)
         return ds_fail(DS_ERR_VALUE, "unknown cross-entropy mode %d", c->bce_mode);
     if (c->max_mode != DS_MAX_BATCH && c->max_mode != DS_MAX_PER_IMAGE && c->max_mode != DS_MAX_NONE)
@@ -81,7 +83,7 @@ typedef struct {
 } node;
 
 typedef struct {
-    int batch, height, width, training;
+    int batch, height, width, training, bn_frozen;
     unsigned long last_used;
     node nodes[G_MAX_NODES];
     int n_nodes;
@@ -173,7 +175,8 @@ static ds_status g_bn(graph *g, ds_backend *be, int in, int *out, bn_params *bp,
     n->bg = bg;
     n->relu = relu;
     DS_TRY(new_tensor(g, &n->out, x.c, x.h, x.w));
-    if (g->training) {
+    int frozen = g->training && g->bn_frozen;
+    if (g->training && !frozen) {
         int saved_batch = g->batch;
         g->batch = 1; /* statistics: [channels] */
         ds_status rc = new_tensor(g, &n->mean, x.c, 1, 1);
@@ -183,7 +186,8 @@ static ds_status g_bn(graph *g, ds_backend *be, int in, int *out, bn_params *bp,
         DS_TRY(rc);
     }
     *out = n->out;
-    return batchnorm_train_create(&n->op, be, g->batch, x.c, x.h, x.w, DS_BN_EPSILON, relu, g->training);
+    return batchnorm_train_create(&n->op, be, g->batch, x.c, x.h, x.w, DS_BN_EPSILON, relu,
+                                  !g->training ? DS_BN_INFERENCE : frozen ? DS_BN_FROZEN : DS_BN_BATCH_STATISTICS);
 }
 
 static ds_status g_pool(graph *g, ds_backend *be, int in, int *out)
@@ -400,6 +404,7 @@ static ds_status graph_create(graph **out, ds_trainer *tr, int batch, int height
     g->height = height;
     g->width = width;
     g->training = training;
+    g->bn_frozen = tr->cfg.bn_frozen;
     ds_status rc = build_network(g, tr);
     if (rc == DS_OK)
         rc = plan_lifetimes(g);
@@ -468,7 +473,7 @@ static ds_status forward(ds_trainer *tr, graph *g)
             DS_TRY(conv_train_forward(n->op, T(n->out), T(n->in[0]), n->cp->weight, n->cp->bias));
             break;
         case N_BN:
-            if (g->training) {
+            if (n->mean >= 0) { /* training on the batch statistics */
                 DS_TRY(batchnorm_train_forward(n->op, T(n->out), T(n->mean), T(n->var), T(n->in[0]), n->bp->gamma,
                                                n->bp->beta));
             } else {
@@ -521,7 +526,7 @@ static ds_status commit_moving_statistics(ds_trainer *tr, graph *g)
 {
     for (int i = 0; i < g->n_nodes; i++) {
         const node *n = &g->nodes[i];
-        if (n->kind != N_BN)
+        if (n->kind != N_BN || n->mean < 0) /* a frozen batch norm keeps its statistics */
             continue;
         const tensor *x = &g->tensors[n->in[0]];
         double count = (double)g->batch * x->h * x->w;
@@ -557,7 +562,8 @@ static ds_status backward(ds_trainer *tr, graph *g)
             break;
         case N_BN:
             DS_TRY(batchnorm_backward(n->op, grad_target(tr, g, n, 0), n->bg->gamma, n->bg->beta, dout, T(n->in[0]),
-                                      T(n->mean), T(n->var), n->bp->gamma, n->bp->beta));
+                                      n->mean >= 0 ? T(n->mean) : n->bp->moving_mean,
+                                      n->mean >= 0 ? T(n->var) : n->bp->moving_variance, n->bp->gamma, n->bp->beta));
             if (n->acc[0])
                 DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
@@ -793,6 +799,8 @@ ds_status trainer_set_config(ds_trainer *tr, const ds_train_config *config)
     DS_TRY(check_config(config));
     if (config->math_mode != tr->cfg.math_mode)
         return ds_fail(DS_ERR_VALUE, "the math mode is fixed when the trainer is created");
+    if (config->bn_frozen != tr->cfg.bn_frozen)
+        return ds_fail(DS_ERR_VALUE, "frozen or batch-statistics batch norm is fixed when the trainer is created");
     tr->cfg = *config;
     return DS_OK;
 }

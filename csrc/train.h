@@ -1,5 +1,5 @@
 /* train.h - training the DeepSpot network in C (REFERENCE_MODEL.md section 2): forward in training
- * mode (batch statistics, spatial dropout), the loss, the backward pass through the whole network
+ * mode (batch statistics or, frozen, the moving ones; spatial dropout), the loss, the backward pass through the whole network
  * and the Keras Adam update, with the BN moving statistics updated as Keras does.
  *
  * Memory, llm.c style: parameters, gradients and the two Adam moments are four arenas of the same
@@ -27,6 +27,9 @@ typedef struct {
     int bn_bessel;       /* 0: the moving variance takes the biased batch variance (Keras 3, what the
                             installed TF does); 1: the unbiased n/(n-1) one (TF 2.x fused batch norm,
                             which trained the published weights) */
+    int bn_frozen;       /* 0: batch norm trains on the batch statistics (Keras' training mode); 1: it
+                            normalises with the moving statistics, held constant (frozen, for fine-tuning:
+                            the network trained is the one inference runs); fixed at trainer_create */
     int bce_mode;        /* DS_BCE_LOGITS (what Keras fit computes for a sigmoid output) or DS_BCE_CLIPPED */
     int max_mode;        /* DS_MAX_BATCH (the authors' code), DS_MAX_PER_IMAGE (the paper), DS_MAX_NONE */
     unsigned long long seed; /* dropout masks are a pure function of (seed, step, layer, sample, channel) */

@@ -20,6 +20,7 @@ import math
 import shutil
 import tempfile
 import threading
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, PushButton,
                               SpinBox)
-from napari.layers import Image, Points
+from napari.layers import Image, Points, Shapes
 from napari.qt.threading import create_worker
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
@@ -41,6 +42,7 @@ from .devices import PRECISIONS, available_devices, gpu_not_trusted, probe, reso
 from .io import write_bytes
 from .model import BUNDLED_WEIGHTS, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_weights_path
 from ._reader_writer import points_layer_kwargs
+from .train import DEFAULT_EPOCHS, DEFAULT_PATIENCE, IncompleteAnnotationWarning
 
 
 class UserError(Exception):
@@ -283,12 +285,14 @@ def _watch_layers(viewer, container: Container) -> None:
             emitter.connect(reset)
 
 
-def _layer_combo(viewer, kind: type, label: str, raw_only: bool = False) -> ComboBox:
-    """A combo box of the viewer's layers of `kind` (raw_only: leaving out our enhanced layers)."""
+def _layer_combo(viewer, kind: type, label: str, raw_only: bool = False, nullable: bool = False,
+                 tooltip: str | None = None) -> ComboBox:
+    """A combo box of the viewer's layers of `kind` (raw_only: leaving out our enhanced layers;
+    nullable: None, shown empty, is a choice)."""
     def choices(_widget=None):
         return [(layer.name, layer) for layer in viewer.layers
                 if isinstance(layer, kind) and not (raw_only and _enhanced_state(layer) is not None)]
-    return ComboBox(label=label, choices=choices, nullable=False)
+    return ComboBox(label=label, choices=choices, nullable=nullable, tooltip=tooltip)
 
 
 def _full_resolution(layer: Image):
@@ -898,38 +902,68 @@ def points_in_image(points: Points, image: Image) -> np.ndarray:
     return coords
 
 
-def training_pairs(pairs: list[tuple[Image, Points]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(images, points) for Model.fit: 2D planes with their (y, x) points. A stack's points are
-    split by plane (rounded leading coordinates); only planes with at least one point are used,
-    since an unannotated plane of a partly annotated stack would teach "no spots here"."""
+def area_rectangles(shapes: Shapes, image: Image) -> list[tuple[int, int, int, int]]:
+    """The bounding rectangles (y0, x0, y1, x1), end-exclusive image pixels of the last two axes,
+    of the shapes of `shapes` (any kind: rectangles, polygons, ellipses), clipped to the image;
+    raises UserError when there are none or one lies wholly outside the image."""
+    data = _full_resolution(image)
+    h, w = data.shape[-2:]
+    if len(shapes.data) == 0:
+        raise UserError(f"Shapes layer '{shapes.name}' holds no shape: draw a rectangle around the part you "
+                        "annotated, or leave 'area' empty to train on the whole image")
+    scale, translate = np.asarray(shapes.scale)[-2:], np.asarray(shapes.translate)[-2:]
+    rectangles = []
+    for vertices in shapes.data:
+        world = np.asarray(vertices, float)[:, -2:] * scale + translate
+        pixels = (world - np.asarray(image.translate)[-2:]) / np.asarray(image.scale)[-2:]
+        (y0, x0), (y1, x1) = np.floor(pixels.min(axis=0) + 0.5), np.floor(pixels.max(axis=0) + 0.5) + 1
+        y0, x0, y1, x1 = int(max(y0, 0)), int(max(x0, 0)), int(min(y1, h)), int(min(x1, w))
+        if y1 <= y0 or x1 <= x0:
+            raise UserError(f"a shape of '{shapes.name}' lies outside image '{image.name}' ({h}x{w}): is this the "
+                            "right Shapes layer?")
+        rectangles.append((y0, x0, y1, x1))
+    return rectangles
+
+
+def training_pairs(pairs: list[tuple]) -> tuple[list[np.ndarray], list[np.ndarray], list | None]:
+    """(images, points, regions) for Model.fit from (image, points[, area]) layer tuples: 2D planes
+    with their (y, x) points and, where an area (Shapes) layer is given, the rectangles where every
+    spot was marked (None: the whole plane). A stack's points are split by plane (rounded leading
+    coordinates); only planes with at least one point are used, since an unannotated plane of a
+    partly annotated stack would teach "no spots here"; an area applies to each of its planes."""
     if not pairs:
         raise UserError("add at least one pair of an image layer and the Points layer annotating it")
-    images, points = [], []
+    images, points, regions = [], [], []
     seen = set()
-    for image, pts in pairs:
+    for pair in pairs:
+        image, pts = pair[0], pair[1]
+        area = pair[2] if len(pair) > 2 else None
         if image is None or pts is None:
             raise UserError("every pair needs an image layer and a Points layer: pick both, or remove the row")
         _checked_image(image)
         if not isinstance(pts, Points):
             raise UserError(f"layer '{pts.name}' is not a Points layer")
-        if (id(image), id(pts)) in seen:
+        if (id(image), id(pts), id(area)) in seen:
             continue
-        seen.add((id(image), id(pts)))
+        seen.add((id(image), id(pts), id(area)))
         coords = points_in_image(pts, image)
+        rectangles = area_rectangles(area, image) if area is not None else None
         data = _full_resolution(image)
         if data.ndim == 2:
             images.append(np.asarray(data))
             points.append(coords)
+            regions.append(rectangles)
             continue
         lead = np.clip(np.round(coords[:, :-2]), 0, np.asarray(data.shape[:-2]) - 1).astype(int)
         for index in sorted(set(map(tuple, lead))):
             mask = np.all(lead == np.asarray(index), axis=1)
             images.append(np.asarray(data[index]))
             points.append(coords[mask][:, -2:])
+            regions.append(rectangles)
     if sum(len(p) for p in points) == 0:
         raise UserError("the Points layers hold no points: annotate spots first (Points layer, add mode), or run "
                         "Detect and correct its result")
-    return images, points
+    return images, points, (regions if any(r is not None for r in regions) else None)
 
 
 class LossPlot(QWidget):
@@ -1021,9 +1055,13 @@ class _PairRow(Container):
     def __init__(self, viewer, on_remove):
         self.image = _layer_combo(viewer, Image, "image", raw_only=True)
         self.points = _layer_combo(viewer, Points, "points")
+        self.area = _layer_combo(viewer, Shapes, "area", nullable=True,
+                                 tooltip="optional Shapes layer: rectangles around the parts where you marked every "
+                                         "spot; only they are trained on (empty: the whole image is annotated)")
         self.remove = PushButton(text="x", tooltip="remove this pair")
         self.remove.max_width = 30
-        super().__init__(widgets=[self.image, self.points, self.remove], layout="horizontal", labels=False)
+        super().__init__(widgets=[self.image, self.points, self.area, self.remove], layout="horizontal",
+                         labels=False)
         self.margins = (0, 0, 0, 0)
         self.remove.changed.connect(lambda *_: on_remove(self))
         self.image.changed.connect(self._match_points)
@@ -1052,12 +1090,15 @@ class TrainWidget(Container):
         self.pairs = Container(widgets=[], labels=False, label="pairs")
         self.pairs.margins = (0, 0, 0, 0)
         self.add_pair_button = PushButton(text="Add pair (image + its Points layer)")
-        self.epochs = SpinBox(label="epochs", value=10, min=1, max=10000)
-        self.batch_size = SpinBox(label="batch size", value=4, min=1, max=256)
+        self.epochs = SpinBox(label="epochs", value=DEFAULT_EPOCHS, min=1, max=10000,
+                              tooltip="at most this many epochs; training stops early when the validation loss has "
+                                      f"not improved for {DEFAULT_PATIENCE} epochs")
+        self.batch_size = SpinBox(label="batch size", value=8, min=1, max=256)
         self.learning_rate = LineEdit(label="learning rate", value="1e-4")
         self.validation_split = FloatSpinBox(label="validation split", value=0.2, min=0.0, max=0.9, step=0.05,
-                                              tooltip="fraction of the patches held out for validation, as whole "
-                                                      "images when several are annotated")
+                                              tooltip="held out for validation (early stopping on its loss; its "
+                                                      "detection F1 is shown too): a strip along one edge of each annotated image or area, "
+                                                      "or whole images when 5 or more are annotated")
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
@@ -1093,7 +1134,7 @@ class TrainWidget(Container):
         self.pairs.remove(row)
 
     def selected_pairs(self) -> list[tuple[Image, Points]]:
-        return [(row.image.value, row.points.value) for row in self.pairs]
+        return [(row.image.value, row.points.value, row.area.value) for row in self.pairs]
 
     def cancel(self, *_):
         if self.task is not None and self.task.running:
@@ -1114,7 +1155,7 @@ class TrainWidget(Container):
         live loss / F1); when it ends the copy becomes the current model of every widget."""
         if self.task is not None and self.task.running:
             raise UserError("a training is already running: cancel it first")
-        images, points = training_pairs(self.selected_pairs())
+        images, points, regions = training_pairs(self.selected_pairs())
         learning_rate = self._learning_rate()
         if not hasattr(Model, "fit"):
             raise UserError("this version of deepspot-napari has no Model.fit: training is not available")
@@ -1130,12 +1171,17 @@ class TrainWidget(Container):
         self.plot.set_history({})
 
         def work(report, cancelled, publish):
-            return trainee.fit(images, points, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                               validation_split=validation_split, progress=report, cancel=cancelled,
-                               on_epoch=publish, checkpoint_dir=run_dir, resume=False)
+            with warnings.catch_warnings():
+                # shown once training ends (show_warning belongs to the GUI thread); History keeps them
+                warnings.simplefilter("ignore", IncompleteAnnotationWarning)
+                return trainee.fit(images, points, regions=regions, epochs=epochs, batch_size=batch_size,
+                                   learning_rate=learning_rate, validation_split=validation_split, progress=report,
+                                   cancel=cancelled, on_epoch=publish, checkpoint_dir=run_dir, resume=False)
 
         def done(history):
             self._show_history(history)
+            for message in history.warnings:
+                show_warning(f"DeepSpot: {message}")
             best = run_dir / "best.safetensors"
             # the trained (best) weights are the current model now; their file is the run's best
             # checkpoint until Save model copies it where the user wants it

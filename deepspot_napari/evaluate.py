@@ -172,12 +172,36 @@ def folder_dataset(images: str | Path, csvs: str | Path | None = None, name: str
     return Dataset(dataset_name, len(stems), samples)
 
 
+def file_dataset(image: str | Path, csv_path: str | Path, name: str | None = None) -> Dataset:
+    """One image file with its ground-truth CSV (read as folder_dataset reads them)."""
+    image, csv_path = Path(image), Path(csv_path)
+    for path in (image, csv_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"file not found: {path}")
+
+    def samples() -> Iterator[Sample]:
+        pixels = np.asarray(read_image(image))
+        if pixels.ndim != 2:
+            raise ValueError(f"{image}: evaluation needs 2D greyscale images, this one has shape {pixels.shape}")
+        try:
+            truth = read_spots_csv(csv_path)
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"{csv_path}: not a spots CSV ({exc})") from exc
+        yield Sample(image.name, pixels, check_truth(truth, pixels.shape, str(csv_path)))
+
+    return Dataset(name or image.stem, 1, samples)
+
+
 def parse_dataset_spec(spec: str) -> Dataset:
-    """``[NAME=]FOLDER[,CSV_FOLDER]`` (see folder_dataset)."""
+    """``[NAME=]FOLDER[,CSV_FOLDER]`` (see folder_dataset) or ``[NAME=]IMAGE_FILE,CSV_FILE``."""
     name = None
     if "=" in spec and not Path(spec).exists():
         name, spec = spec.split("=", 1)
     images, _, csvs = spec.partition(",")
+    if Path(images).is_file():
+        if not csvs:
+            raise ValueError(f"{images} is a file: give its ground truth too, as IMAGE_FILE,CSV_FILE")
+        return file_dataset(images, csvs, name=name or None)
     return folder_dataset(images, csvs or None, name=name or None)
 
 

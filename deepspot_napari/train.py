@@ -2,15 +2,17 @@
 
 Every numeric step of training runs in the C core (its Trainer, on the model's device and
 precision: forward in training mode, loss, backward, Adam; csrc/train.c); this module prepares
-the data (patches, targets), splits off validation, runs the epochs, validates (loss and
+the data (crops, targets), splits off validation, runs the epochs, validates (loss and
 detection F1), checkpoints, resumes and stops early. REFERENCE_MODEL.md sections 2-3 give the
-recipe it follows.
+recipe it follows; the defaults are for fine-tuning on a user's few annotations (docs/training.md).
 
-Data: each image is divided by its own maximum; its target e(X) is the image on the 0..255 scale
-with the 3x3 stamp [[200,230,200],[230,255,230],[200,230,200]] written at every annotated spot,
-then divided by its own maximum (as the authors' dataset.py and simulate.make_target). Images
-larger than the patch size are cut into patches (the last row/column of patches is aligned to the
-image's end, so patches may overlap there); smaller sides are padded with zeros.
+Data: the annotated areas (whole images, or the rectangles of `regions`); each training epoch
+draws random crops of them (turned, flipped and offset in background at random), each crop
+divided by its own maximum; its target e(X) is the crop on the 0..255 scale with the 3x3 stamp
+[[200,230,200],[230,255,230],[200,230,200]] written at every annotated spot, then divided by its
+own maximum (as the authors' dataset.py and simulate.make_target). Validation tiles its areas.
+Fine-tuning keeps the batch norms frozen (their moving statistics, in training too): on batch
+statistics the moving statistics drift away from what the weights learn and inference falls apart.
 
 Determinism and resuming: every random choice is a function of `seed` and the epoch (shuffling,
 the validation split, simulated images) or of `seed` and the step count (dropout masks, in C). A
@@ -282,7 +284,8 @@ def _split_validation(areas: list[_Area], fraction: float, seed: int) -> tuple[l
     """(training areas, validation areas). With WHOLE_AREA_SPLIT or more areas, whole areas are held
     out (seeded order) until about `fraction` of the pixels, so that nothing validated has a
     neighbour in training; with fewer, a strip of `fraction` of each area along one edge is held
-    out (of the four edges, the one holding the share of the annotations closest to `fraction`),
+    out (of the four edges, the one holding the share of the annotations closest to `fraction`,
+    one without annotations only as a last resort),
     so that a single annotated image or region still validates on pixels it never trained on.
     Raises when the split would leave either side too small to use."""
     if fraction == 0:
@@ -300,7 +303,9 @@ def _split_validation(areas: list[_Area], fraction: float, seed: int) -> tuple[l
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5721]))
     for area in areas:
         # the four edge strips: (axis, at the far end?); the one whose share of the annotations is
-        # closest to `fraction` validates, so that it is as representative as a strip can be
+        # closest to `fraction` validates, so that it is as representative as a strip can be; a strip
+        # without any annotated spot (in an area that has some) only when no other fits: its F1
+        # would score nothing
         choices = []
         for axis in (0, 1):
             length = area.shape[axis]
@@ -311,13 +316,13 @@ def _split_validation(areas: list[_Area], fraction: float, seed: int) -> tuple[l
                 start, stop = (length - width, length) if far else (0, width)
                 r = np.rint(area.points[:, axis]) if len(area.points) else np.zeros(0)
                 share = np.mean((r >= start) & (r < stop)) if len(r) else fraction
-                choices.append((abs(share - fraction), rng.random(), axis, start, stop))
+                choices.append((len(r) > 0 and share == 0, abs(share - fraction), rng.random(), axis, start, stop))
         if not choices:
             raise ValueError(f"validation_split={fraction:g} of an annotated area of {area.shape[0]}x{area.shape[1]} px "
                              f"leaves too little on one side: the validation strip and the rest each need at least "
                              f"{MIN_PATCH} px; annotate a larger area, change validation_split, or set it to 0 "
                              "(no validation, no early stopping)")
-        _, _, axis, start, stop = min(choices)
+        *_, axis, start, stop = min(choices)
         length = area.shape[axis]
         val.append(area.part(axis, start, stop))
         train.append(area.part(axis, stop, length) if start == 0 else area.part(axis, 0, start))
@@ -520,6 +525,12 @@ def annotation_gaps(model, areas: Sequence[_Area], detection=None, min_score: fl
 
 # ---------------------------------------------------------------------------------------------- fit
 
+def _diverged(trainer) -> bool:
+    """Whether a parameter or an Adam moment is no longer finite."""
+    return not all(np.isfinite(trainer.get(prefix + name)).all()
+                   for name in trainer.names for prefix in ("", "adam.m.", "adam.v."))
+
+
 def _resolve_model(model_or_path):
     from .model import Model
     return model_or_path if isinstance(model_or_path, Model) else Model.load(model_or_path)
@@ -531,16 +542,16 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         patience: int = DEFAULT_PATIENCE, progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None, simulate: int = 0, patch_size: int = DEFAULT_PATCH_SIZE,
         from_scratch: bool = False, bn_bessel: bool = False, detection=None, on_epoch: Callable[[dict], None] | None = None,
-        return_trainer: bool = False, regions: Sequence | None = None, augment: bool = True, monitor: str = "f1",
-        steps_per_epoch: int | None = None, check_annotations: bool = True):
+        return_trainer: bool = False, regions: Sequence | None = None, augment: bool = True, monitor: str = "loss",
+        steps_per_epoch: int | None = None, check_annotations: bool = True, batch_norm: str | None = None):
     """Trains the network on `images` (2D arrays, any size) annotated with `points` ((n, 2) arrays of
     (y, x) pixel positions, one per image) and returns a History (and the trainer if
     return_trainer; `trainer.to_network()` gives the trained inference network).
 
     The defaults are for fine-tuning on a few annotated images (a few minutes on a 2-core CPU):
     random patch_size crops of the annotated areas, turned and flipped at random, with a random
-    background offset half of the time (augment); early stopping on the detection F1 of a held-out
-    part of the annotated area; the best epoch's weights kept.
+    background offset half of the time (augment); frozen batch norms; early stopping on the loss of
+    a held-out part of the annotated area; the best epoch's weights kept.
 
     model_or_path: a Model (training runs on its device and precision), a safetensors weights path,
     or None for the bundled published weights (both loaded with Model.load's defaults: device "auto",
@@ -555,13 +566,21 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     MIN_EPOCH_STEPS steps (so that validation does not dominate on small annotations).
     bn_bessel: the BN moving variance takes the unbiased batch variance (TF 2.x's fused batch norm,
     which trained the published weights) instead of the biased one (Keras 3, the default).
+    batch_norm: "frozen" (every batch norm normalises with its moving statistics in training too and
+    keeps them: the network trained is exactly the one inference runs), or "batch" (Keras' training
+    mode: batch statistics, moving statistics updated with momentum 0.99). None: "frozen" when
+    fine-tuning trained weights on the CPU, "batch" from scratch, with bn_bessel or on the GPU (the CUDA backend
+    has no frozen batch norm yet). Fine-tuning on batch statistics drifts: after a few dozen steps
+    on crops of one image the moving statistics no longer match what the weights learnt, and the
+    enhanced images inference gives fall apart (docs/training.md).
     validation_split: held out for validation (_split_validation explains how: whole areas when
     there are WHOLE_AREA_SPLIT or more, else a strip at the far end of each); a split that leaves
     a side too small raises. 0: no validation (the training loss decides the best epoch).
     After each epoch: the validation loss (inference mode) and the detection F1 / precision / recall
     of the enhanced validation areas (`detection` = DetectionParams; default the fixed detector).
-    monitor: "f1" (the default; ties go to the lower validation loss) or "loss": what picks the best
-    epoch. patience: epochs without a better monitor value after which training stops (0 acts as
+    monitor: "loss" (the default: with frozen batch norms the validation loss falls steadily while
+    training helps, and it is far less noisy than the F1 of a strip holding a dozen spots) or "f1"
+    (ties go to the lower validation loss): what picks the best epoch. patience: epochs without a better monitor value after which training stops (0 acts as
     1); the best epoch's weights are restored at the end.
     check_annotations: before training, warn (IncompleteAnnotationWarning, also in
     History.warnings) where the model already finds many strong unannotated spots in an area.
@@ -592,6 +611,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         raise ValueError("simulate and patience must be >= 0")
     if monitor not in ("f1", "loss"):
         raise ValueError(f"monitor must be 'f1' or 'loss', got {monitor!r}")
+    if batch_norm not in (None, "frozen", "batch"):
+        raise ValueError(f"batch_norm must be 'frozen', 'batch' or None (the default for the device), got {batch_norm!r}")
     if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or steps_per_epoch < 1):
         raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
 
@@ -601,8 +622,13 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     val_tiles = _tiles(val, patch)
 
     model = _resolve_model(model_or_path)
+    if batch_norm is None:
+        batch_norm = "batch" if from_scratch or bn_bessel or model.device == "cuda" else "frozen"
+    if bn_bessel and batch_norm == "frozen":
+        raise ValueError("bn_bessel changes how batch statistics update the moving variance: it needs "
+                         "batch_norm='batch' (a frozen batch norm keeps its statistics)")
     trainer = model.make_trainer(learning_rate=learning_rate, dropout=dropout, max_term=max_term, seed=seed,
-                                 bn_bessel=bool(bn_bessel))
+                                 bn_bessel=bool(bn_bessel), batch_norm=batch_norm)
     if from_scratch:
         for name, value in initial_parameters(trainer, seed).items():
             trainer.set(name, value)
@@ -611,7 +637,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
                     validation_split=float(validation_split), seed=int(seed), max_term=max_term,
                     dropout=float(dropout), simulate=int(simulate), patch_size=int(patch),
                     from_scratch=bool(from_scratch), bn_bessel=bool(bn_bessel), augment=bool(augment),
-                    monitor=monitor, steps_per_epoch=steps_per_epoch, data=_fingerprint(areas))
+                    monitor=monitor, steps_per_epoch=steps_per_epoch, batch_norm=batch_norm,
+                    data=_fingerprint(areas))
     history = History()
     start_epoch, wait = 0, 0
     best_params: dict[str, np.ndarray] | None = None
@@ -663,6 +690,16 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
             if cancel is not None and cancel():
                 raise Cancelled(f"training cancelled in epoch {epoch + 1}")
         means = sums / steps
+        if _diverged(trainer):
+            # a step whose loss was finite can still overflow the gradients: nothing of this epoch is kept
+            message = (f"training diverged in epoch {epoch + 1} (the gradients overflowed): the learning rate "
+                       f"{learning_rate:g} is too high for these data; lower it")
+            if history.best_epoch is None:
+                raise ValueError(message)
+            warnings.warn(f"{message}; keeping epoch {history.best_epoch}", RuntimeWarning, stacklevel=2)
+            history.warnings.append(f"{message}; kept epoch {history.best_epoch}")
+            history.stopped_early = True
+            break
         val_loss, val_f1, val_p, val_r = _validate(trainer, model, val_tiles, val, batch_size, detection)
         history.epoch.append(epoch + 1)
         history.loss.append(float(means[0]))

@@ -114,12 +114,18 @@ def deepspot_logits(x, params, batchnorm_fn):
     return conv(t, "head.conv")
 
 
-def deepspot_forward(x, params, epsilon=1e-3):
-    """The network at inference (BatchNorm with the moving statistics): the sigmoid map [n, h, w, 1]."""
+def deepspot_logits_inference(x, params, epsilon=1e-3):
+    """The network up to the head's logits [n, h, w, 1] with BatchNorm on the moving statistics
+    (inference, and training with frozen batch norms)."""
     def bn(t, name):
         return batchnorm(t, params[name + ".gamma"], params[name + ".beta"], params[name + ".moving_mean"],
                          params[name + ".moving_variance"], epsilon)
-    return sigmoid(deepspot_logits(x, params, bn))
+    return deepspot_logits(x, params, bn)
+
+
+def deepspot_forward(x, params, epsilon=1e-3):
+    """The network at inference (BatchNorm with the moving statistics): the sigmoid map [n, h, w, 1]."""
+    return sigmoid(deepspot_logits_inference(x, params, epsilon))
 # ---------------------------------------------------------------- training (float64)
 
 def batchnorm_train(x, gamma, beta, epsilon=1e-3):

@@ -135,9 +135,40 @@ def test_help_runs_as_a_program(tmp_path):
     assert result.returncode == 0 and "deepspot demo" in result.stdout
 
 
+def test_evaluate_finetune_reports_before_and_after_on_the_other_half(tmp_path, capsys):
+    sim = tmp_path / "sim"
+    assert main(["simulate", str(sim), "-n", "1", "--recipe", "hybrid", "--size", "192", "--spots", "40"]) == 0
+    spec = f"toy={sim / 'images' / '0000.tif'},{sim / 'csv' / '0000.csv'}"
+    out = tmp_path / "ft"
+    args = ["evaluate", "--finetune", spec, "-o", str(out), "--epochs", "2", "--seeds", "1", "--no-bigfish", "-q"]
+    assert main(args) == 0
+    text = (out / "finetune.md").read_text()
+    rows = list(csv.DictReader(open(out / "finetune.csv")))
+    assert [(r["trained_on"].split()[0], r["scored_on"].split()[0]) for r in rows] == [("left", "right"),
+                                                                                      ("right", "left")]
+    assert all(0 <= float(r["after_f1"]) <= 1 and r["epochs"] == "2" for r in rows), rows
+    assert "at most 2 epochs" in text and "| toy |" in text and (out / "finetune_curves.png").stat().st_size > 0
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(["evaluate", "--finetune", "-o", str(tmp_path / "none")]) == 2
+    assert "needs annotated images" in capsys.readouterr().err
+
+
+def test_simulate_spots_on_a_real_background(tmp_path):
+    background = tmp_path / "background.tif"
+    tifffile.imwrite(background, (1000 + 200 * np.add.outer(np.arange(96), np.arange(96)) / 96).astype(np.uint16))
+    out = tmp_path / "bg"
+    assert main(["simulate", str(out), "-n", "2", "--size", "64", "--spots", "5", "9", "--background",
+                 str(background)]) == 0
+    image = tifffile.imread(out / "images" / "0001.tif")
+    spots = np.loadtxt(out / "csv" / "0001.csv", delimiter=",", skiprows=1).reshape(-1, 2)
+    assert image.dtype == np.uint16 and image.shape == (64, 64) and 5 <= len(spots) <= 9
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((2, 40, 40), np.uint16))
+    assert main(["simulate", str(tmp_path / "x"), "--background", str(tmp_path / "stack.tif")]) == 2
+
+
 def test_train_fine_tunes_resumes_and_the_weights_run(tmp_path, capsys):
     sim = tmp_path / "sim"
-    assert main(["simulate", str(sim), "-n", "3", "--recipe", "hybrid", "--size", "64", "--spots", "10", "20"]) == 0
+    assert main(["simulate", str(sim), "-n", "5", "--recipe", "hybrid", "--size", "64", "--spots", "10", "20"]) == 0
     run = tmp_path / "run"
     common = [str(sim), "-o", str(run), "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.34", "-q"]
     assert main(["train", *common, "--epochs", "1"]) == 0

@@ -171,6 +171,18 @@ def test_separate_csv_folder_and_authors_xy_files(tmp_path, rng):
     assert results.summary("perfect", "f1").mean == 1.0
 
 
+def test_dataset_spec_of_one_image_file_and_its_csv(sim_folder):
+    image, table = sim_folder / "images" / "0001.tif", sim_folder / "csv" / "0001.csv"
+    dataset = evaluate.parse_dataset_spec(f"one={image},{table}")
+    (sample,) = list(dataset)
+    assert dataset.name == "one" and sample.name == "0001.tif" and sample.image.shape == (64, 64)
+    np.testing.assert_array_equal(sample.truth, np.loadtxt(table, delimiter=",", skiprows=1).reshape(-1, 2))
+    with pytest.raises(ValueError, match="give its ground truth too"):
+        evaluate.parse_dataset_spec(str(image))
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        list(evaluate.parse_dataset_spec(f"{image},{sim_folder / 'missing.csv'}"))
+
+
 def test_dataset_that_yields_fewer_images_than_announced_is_an_error():
     truth = np.array([[5.0, 5.0]])
     short = evaluate.Dataset("short", 2, lambda: iter([evaluate.Sample("a", np.ones((16, 16)), truth)]))

@@ -65,20 +65,23 @@ GRADIENT_TENSORS = [
 ]
 
 
-@pytest.mark.parametrize("max_term", ["batch", "per_image"])
-def test_whole_network_gradient_matches_finite_differences(network, params, max_term):
+@pytest.mark.parametrize("max_term,batch_norm", [("batch", "batch"), ("per_image", "batch"), ("batch", "frozen")])
+def test_whole_network_gradient_matches_finite_differences(network, params, max_term, batch_norm):
     """Batch 2 at 32x32 (BN on batch statistics needs more than one value per channel: the trunk
     runs at 4x4), the published weights, dropout off. For each tensor: the derivative along a random
-    direction and at its largest coordinate, against central differences of the float64 reference."""
+    direction and at its largest coordinate, against central differences of the float64 reference
+    (in training mode, or with frozen batch norms the inference network)."""
     rng = np.random.default_rng(11)
     x = rng.random((2, 32, 32)).astype(np.float32)
     t = scale(rng.random((2, 32, 32)))
-    trainer = _core.Trainer(network, dropout=0.0, max_term=max_term)
+    trainer = _core.Trainer(network, dropout=0.0, max_term=max_term, batch_norm=batch_norm)
     loss = trainer.gradients(x, t)[0]
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    logits = ref.deepspot_logits_train if batch_norm == "batch" else (
+        lambda x, p: ref.deepspot_logits_inference(x, p)[..., 0])
 
     def total(p):
-        return ref.deepspot_loss(ref.deepspot_logits_train(x[..., None].astype(np.float64), p), t, "logits", max_term)
+        return ref.deepspot_loss(logits(x[..., None].astype(np.float64), p), t, "logits", max_term)
 
     assert abs(loss - total(p64)) <= 1e-6 * loss
     worst = 0.0
@@ -98,7 +101,9 @@ def test_whole_network_gradient_matches_finite_differences(network, params, max_
         worst = max(worst, err_dir, err_i)
     print(f"worst relative error {worst:.2e}")
     assert worst <= 1e-3
-    # a bias that a batch norm follows has no effect: its gradient is rounding noise
+    if batch_norm == "frozen":
+        return
+    # a bias that a batch norm on batch statistics follows has no effect: its gradient is rounding noise
     assert np.abs(trainer.get("grad.caso.strided.conv2.bias")).max() <= 1e-5 * np.abs(
         trainer.get("grad.caso.strided.conv2.weight")).max()
 
@@ -246,6 +251,32 @@ def test_moving_statistics_follow_keras_momentum(network):
     assert np.allclose(ratio, 2048 / 2047, rtol=1e-4)
 
 
+def test_frozen_batch_norm_trains_the_inference_network_and_keeps_its_statistics(network):
+    """batch_norm='frozen': the training forward (dropout off) is the inference forward, a step
+    changes the weights but no moving statistic, and the setting is fixed for the trainer's life."""
+    rng = np.random.default_rng(5)
+    x = rng.random((2, 32, 32)).astype(np.float32)
+    t = scale(rng.random((2, 32, 32)))
+    trainer = _core.Trainer(network, dropout=0.0, batch_norm="frozen", learning_rate=1e-5)
+    assert trainer.config["batch_norm"] == "frozen"
+    moving = {n: trainer.get(n) for n in trainer.names if ".moving_" in n}
+    inference_loss = trainer.evaluate(x, t)[1][0]
+    step_loss = trainer.step(x, t)[0]
+    assert abs(step_loss - inference_loss) <= 1e-5 * inference_loss
+    assert all(np.array_equal(trainer.get(n), v) for n, v in moving.items())
+    assert not np.array_equal(trainer.get("head.conv.weight"), network_parameter(network, "head.conv.weight"))
+    assert trainer.evaluate(x, t)[1][0] < inference_loss  # the step lowered the loss inference sees
+    batch = _core.Trainer(network, dropout=0.0)
+    batch.step(x, t)
+    assert not np.array_equal(batch.get("caso.strided.bn1.moving_mean"), moving["caso.strided.bn1.moving_mean"])
+    with pytest.raises(ValueError, match="batch_norm must be one of 'batch', 'frozen'"):
+        _core.Trainer(network, batch_norm="fixed")
+
+
+def network_parameter(network, name):
+    return _core.Trainer(network).get(name)
+
+
 def test_parameters_round_trip_through_a_checkpoint(network, tmp_path):
     _, _, x, t = simulated_batch(2, 32, seed=3)
     trainer = _core.Trainer(network, learning_rate=1e-3)
@@ -333,7 +364,7 @@ def small_dataset(n=6, size=32, seed=4):
     return images, points
 
 
-FIT = dict(epochs=3, batch_size=2, patch_size=32, validation_split=0.34, seed=3, learning_rate=1e-3)
+FIT = dict(epochs=3, batch_size=2, patch_size=32, validation_split=0.34, seed=3, learning_rate=1e-3, steps_per_epoch=2)
 
 
 def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
@@ -358,8 +389,13 @@ def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
         assert np.array_equal(trainer.get(name), resumed_trainer.get(name)), name
     assert (full_dir / BEST_WEIGHTS).is_file() and (full_dir / "curves.png").is_file()
     assert len(list(full_dir.glob("checkpoint-*.safetensors"))) == 1
-    # the best weights load as a model
+    # the best weights load as a model, and so does a per-epoch checkpoint (its Adam moments ignored)
     Model.load(full_dir / BEST_WEIGHTS)
+    checkpoint = full_dir / json.loads((full_dir / STATE_FILE).read_text())["checkpoint"]
+    x = images[0].astype(np.float32)
+    trainer.load(str(checkpoint))
+    np.testing.assert_allclose(Model.load(checkpoint, device="cpu").enhance(x),
+                               Model(trainer.to_network(), checkpoint, "cpu").enhance(x), atol=1e-6)
     # another data set or setting cannot resume this run
     with pytest.raises(ValueError, match="cannot resume"):
         fit(None, images[:5], points[:5], checkpoint_dir=full_dir, **FIT)
@@ -367,10 +403,11 @@ def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
 
 def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
     """A learning rate far too high makes the validation loss worsen: training stops after
-    `patience` epochs without improvement and ends with the best epoch's weights."""
+    `patience` epochs without improvement and ends with the best epoch's weights. (On batch
+    statistics, which keep the activations bounded; frozen batch norms let such a rate diverge.)"""
     images, points = small_dataset()
     history, trainer = fit(None, images, points, return_trainer=True, patience=1, checkpoint_dir=tmp_path,
-                           **{**FIT, "epochs": 6, "learning_rate": 0.05})
+                           monitor="loss", batch_norm="batch", **{**FIT, "epochs": 6, "learning_rate": 0.05})
     best = history.best_epoch
     assert history.val_loss[best - 1] == min(history.val_loss)
     if history.stopped_early:
@@ -380,6 +417,12 @@ def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
     x = np.stack([make_training_pair(i.astype(np.float32), p)[0] for i, p in zip(images, points)])
     best_network = _core.Network(str(tmp_path / BEST_WEIGHTS))
     assert np.max(np.abs(trainer.evaluate(x)[0] - best_network.forward(x[..., None])[..., 0])) < 1e-5
+
+
+def test_a_diverging_run_says_so_instead_of_saving_infinities(tmp_path):
+    images, points = small_dataset()
+    with pytest.raises(ValueError, match="diverged in epoch 1.*learning rate 0.05 is too high"):
+        fit(None, images, points, checkpoint_dir=tmp_path, **{**FIT, "learning_rate": 0.05})
 
 
 def test_model_fit_updates_the_model_in_place(tmp_path):
@@ -398,20 +441,57 @@ def test_model_fit_updates_the_model_in_place(tmp_path):
 
 
 def test_fit_adds_simulated_images_each_epoch():
+    from deepspot_napari.train import MIN_EPOCH_STEPS
     images, points = small_dataset(n=2)
-    history = fit(None, images, points, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0})
-    assert history.steps == 3  # (2 + 3 simulated) patches in batches of 2
+    history = fit(None, images, points, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0,
+                                                       "steps_per_epoch": None})
+    assert history.steps == MIN_EPOCH_STEPS  # (2 + 3 simulated) / 2 steps cover them, raised to the minimum
+    history = fit(None, images * 20, points * 20, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0,
+                                                                 "steps_per_epoch": None})
+    assert history.steps == -(-(40 + 3) // 2)  # enough crops to cover the 40 tiles and the simulated ones once
 
 
-def test_fit_cuts_large_images_into_patches_and_pads_small_ones():
-    rng = np.random.default_rng(0)
-    big = rng.integers(1, 200, (70, 45)).astype(np.uint16)
-    small = rng.integers(1, 200, (20, 30)).astype(np.uint16)
-    from deepspot_napari.train import _prepare
-    data = _prepare([big, small], [np.array([[69, 44], [0, 0]]), np.array([[19.2, 29.4]])], 32)
-    assert data.x.shape == (3 * 2 + 1, 32, 32)  # rows at 0, 32, 38; cols at 0, 13; plus the padded one
-    assert np.all(data.x.reshape(7, -1).max(axis=1) == 1) and np.all(data.t.reshape(7, -1).max(axis=1) == 1)
-    assert sum(len(p) for p in data.points) >= 3
+def test_crops_stay_in_their_area_and_carry_their_points_through_rotations(rng):
+    from deepspot_napari.train import _Area, _crops
+    image = rng.uniform(1, 10, (40, 56)).astype(np.float32)
+    truth = np.c_[rng.uniform(2, 38, 30), rng.uniform(2, 54, 30)]
+    for y, x in np.rint(truth).astype(int):
+        image[y, x] = 1000.0  # each annotated pixel the brightest around
+    area = _Area(image, truth, 0, (0, 0))
+    data = _crops([area], 40, 32, rng, augment=True)
+    assert data.x.shape == (40, 32, 32) and np.allclose(data.x.reshape(40, -1).max(axis=1), 1)
+    for x, t, pts in zip(data.x, data.t, data.points):
+        r = np.rint(pts).astype(int)
+        assert np.all((r >= 0) & (r < 32))
+        assert np.all(t[r[:, 0], r[:, 1]] == 1.0)  # the stamp's centre sits on the turned point
+        assert np.all(x[r[:, 0], r[:, 1]] > 0.5)   # ... which is the turned bright pixel
+    plain = _crops([area], 5, 32, np.random.default_rng(1), augment=False)
+    for x in plain.x:  # without augmentation, a crop is a window of the image, scaled
+        found = [(y0, x0) for y0 in range(9) for x0 in range(25)
+                 if np.allclose(image[y0:y0 + 32, x0:x0 + 32] / image[y0:y0 + 32, x0:x0 + 32].max(), x)]
+        assert found
+
+
+def test_regions_limit_training_to_the_annotated_rectangles(rng):
+    """Only the rectangles count: spots drawn outside them (unannotated) change nothing."""
+    images, points = small_dataset(n=1, size=96)
+    image, pts = images[0].astype(np.float32), points[0]
+    region = (8, 16, 72, 88)
+    inside = (pts[:, 0] >= 8) & (pts[:, 0] < 72) & (pts[:, 1] >= 16) & (pts[:, 1] < 88)
+    altered = image.copy()
+    altered[80:90, 0:10] += 500.0  # a bright unannotated blob outside the region
+    altered[0:6, 90:96] += 300.0
+    settings = {**FIT, "epochs": 1, "validation_split": 0.0, "dropout": 0.0}
+    runs = [fit(None, [im], [pts if k == 0 else pts[inside]], regions=[region], return_trainer=True,
+                check_annotations=False, **settings) for k, im in enumerate((image, altered))]
+    assert runs[0][0].loss == runs[1][0].loss
+    assert np.array_equal(runs[0][1].get("head.conv.weight"), runs[1][1].get("head.conv.weight"))
+    whole = fit(None, [altered], [pts], return_trainer=True, check_annotations=False, **settings)
+    assert whole[0].loss != runs[1][0].loss  # without the region, the blobs are trained on
+    with pytest.raises(ValueError, match="not inside the 96x96 image"):
+        fit(None, [image], [pts], regions=[(0, 0, 100, 50)], **settings)
+    with pytest.raises(ValueError, match="too small"):
+        fit(None, [image], [pts], regions=[(0, 0, 20, 50)], **settings)
 
 
 @pytest.mark.parametrize("images,points,error,message", [
@@ -448,25 +528,47 @@ def test_training_curves_png(tmp_path):
         assert im.size == (800, 500) and len(set(im.getdata())) > 3
 
 
-@pytest.mark.parametrize("sizes, fraction", [((4, 4, 4, 4, 4), 0.2), ((1, 9, 2, 5), 0.34), ((3, 3), 0.5)])
-def test_validation_holds_out_whole_images(sizes, fraction, rng):
-    from deepspot_napari.train import _Data, _validation_mask
-    sources = np.repeat(np.arange(len(sizes)), sizes)
-    rng.shuffle(sources)
-    n = len(sources)
-    data = _Data(np.zeros((n, 8, 8), np.float32), np.zeros((n, 8, 8), np.float32), [None] * n, sources)
+def _areas(shapes, points_per_area=0, rng=None):
+    from deepspot_napari.train import _Area
+    out = []
+    for k, shape in enumerate(shapes):
+        pts = np.c_[rng.uniform(0, shape[0] - 1, points_per_area), rng.uniform(0, shape[1] - 1, points_per_area)] \
+            if points_per_area else np.zeros((0, 2))
+        out.append(_Area(np.ones(shape, np.float32), pts, k, (0, 0)))
+    return out
+
+
+@pytest.mark.parametrize("count, fraction", [(5, 0.2), (7, 0.34), (12, 0.5)])
+def test_validation_holds_out_whole_areas_from_five_on(count, fraction, rng):
+    from deepspot_napari.train import _split_validation
+    areas = _areas([(32 * int(rng.integers(1, 4)), 32) for _ in range(count)], rng=rng)
     seed = int(rng.integers(1 << 30))
-    mask = _validation_mask(data, fraction, seed)
-    held, kept = set(sources[mask]), set(sources[~mask])
-    assert held and kept and not held & kept, (held, kept)  # whole images on one side only, both sides used
-    assert np.array_equal(mask, _validation_mask(data, fraction, seed))  # seeded
-    assert not _validation_mask(data, 0.0, seed).any()
+    train, val = _split_validation(areas, fraction, seed)
+    assert train and val and len(train) + len(val) == count
+    assert not {a.source for a in train} & {a.source for a in val}
+    again = _split_validation(areas, fraction, seed)
+    assert [a.source for a in again[1]] == [a.source for a in val]  # seeded
+    assert _split_validation(areas, 0.0, seed) == (areas, [])
 
 
-def test_validation_splits_one_image_by_patch(rng):
-    from deepspot_napari.train import _Data, _validation_mask
-    data = _Data(np.zeros((10, 8, 8), np.float32), np.zeros((10, 8, 8), np.float32), [None] * 10, np.zeros(10, int))
-    assert _validation_mask(data, 0.3, int(rng.integers(1 << 30))).sum() == 3
+def test_validation_of_one_image_is_a_strip_holding_its_share_of_the_spots(rng):
+    from deepspot_napari.train import _Area, _split_validation
+    # spots only in the left 60 columns: the right strip holds none, the left one two thirds,
+    # the top and bottom ones about a fifth each: one of those validates
+    pts = np.c_[rng.uniform(0, 199, 50), rng.uniform(0, 59, 50)]
+    image = np.ones((200, 200), np.float32)
+    (t,), (v,) = _split_validation([_Area(image, pts, 0, (0, 0))], 0.2, int(rng.integers(1 << 30)))
+    assert t.image.size + v.image.size == image.size and v.image.size == 0.2 * image.size
+    assert v.image.shape == (40, 200) and v.origin in ((0, 0), (160, 0))
+    assert len(t.points) + len(v.points) == 50 and 0 < len(v.points) < 50
+    assert abs(len(v.points) / 50 - 0.2) <= 0.15
+    # a 100 px high image has no room for a top or bottom strip: the left one (with spots) is
+    # taken over the right one, closer to a fifth of the spots but empty
+    flat = pts[pts[:, 0] < 99]
+    (t,), (v,) = _split_validation([_Area(image[:100], flat, 0, (0, 0))], 0.2, int(rng.integers(1 << 30)))
+    assert v.image.shape == (100, 40) and v.origin == (0, 0) and len(v.points) > 0
+    with pytest.raises(ValueError, match="validation strip"):
+        _split_validation([_Area(np.ones((40, 40), np.float32), pts[:0], 0, (0, 0))], 0.2, 0)
 
 
 def test_fit_bn_bessel_takes_the_unbiased_batch_variance():
@@ -475,7 +577,32 @@ def test_fit_bn_bessel_takes_the_unbiased_batch_variance():
     name = "trunk.block02.bn1.moving_variance"
     moving = {}
     for bessel in (False, True):
-        _, trainer = fit(None, images, points, bn_bessel=bessel, return_trainer=True, **settings)
+        _, trainer = fit(None, images, points, bn_bessel=bessel, batch_norm="batch", return_trainer=True, **settings)
         moving[bessel] = trainer.get(name).astype(np.float64)
     # the same first batch: moving = 0.99 m + 0.01 v (n / (n - 1) with Bessel), so only the batch term grows
     assert np.all(moving[True] >= moving[False]) and np.any(moving[True] > moving[False])
+    with pytest.raises(ValueError, match="bn_bessel .* needs batch_norm='batch'"):
+        fit(None, images, points, bn_bessel=True, batch_norm="frozen", **settings)
+
+
+def test_fine_tuning_on_a_real_crop_lowers_the_loss_on_held_out_annotated_pixels():
+    """A short fine-tune with the defaults on a 256 px crop of the real annotated image lowers the
+    loss on another crop of it that training never saw."""
+    from realdata import annotated_real_image
+    image, truth = annotated_real_image()
+
+    def crop(y0, x0, side=256):
+        keep = np.all((np.rint(truth) >= [y0, x0]) & (np.rint(truth) < [y0 + side, x0 + side]), axis=1)
+        return image[y0:y0 + side, x0:x0 + side], truth[keep] - [y0, x0]
+
+    (train_image, train_points), (held_image, held_points) = crop(97, 40), crop(97, 420)
+    x, t = make_training_pair(held_image, held_points)
+
+    def held_out_loss(trainer):
+        return float(trainer.evaluate(x[None], t[None])[1][0])
+
+    before = held_out_loss(Model.load(device="cpu").make_trainer())
+    history, trainer = fit(Model.load(device="cpu"), [train_image], [train_points], epochs=4, seed=1,
+                           validation_split=0.0, return_trainer=True)
+    after = held_out_loss(trainer)
+    assert np.isfinite(after) and after < before - 0.005, (before, after, history.loss)
