@@ -45,12 +45,12 @@ STAMP = np.array([[200, 230, 200], [230, 255, 230], [200, 230, 200]], dtype=np.f
 STATE_FILE = "state.json"
 BEST_WEIGHTS = "best.safetensors"
 CURVES_FILE = "curves.png"
-STATE_FORMAT = "deepspot-napari-training/3"  # 3: random crops, regions, early stopping on the F1
+STATE_FORMAT = "deepspot-napari-training/4"  # 4: frozen batch norms, early stopping on the validation loss
 SIZE_MULTIPLE = 8
 MIN_PATCH = 32            # the smallest crop (and validation strip) side: 4 cells at the trunk's 1/8 resolution
 # Defaults for fine-tuning on a few annotated images, measured on a real annotated smFISH image
 # (docs/training.md): 128 px crops in batches of 8, epochs of at least 10 steps, 30 epochs at most
-# (about 5 minutes on a 2-core CPU), stopping after 10 epochs without a better validation F1.
+# (about 5 minutes on a 2-core CPU), stopping after 10 epochs without a better validation loss.
 DEFAULT_PATCH_SIZE = 128
 DEFAULT_EPOCHS = 30
 DEFAULT_PATIENCE = 10

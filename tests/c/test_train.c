@@ -112,7 +112,37 @@ int main(int argc, char **argv)
         bad.dropout_rate = 1.0f;
         CHECK(trainer_set_config(a, &bad) == DS_ERR_VALUE, "dropout 1 accepted");
         CHECK(trainer_num_tensors(a) > 200 && trainer_tensor_entry(a, -1) == NULL, "tensor table");
+        bad = cfg;
+        bad.bn_frozen = 1;
+        CHECK(trainer_set_config(a, &bad) == DS_ERR_VALUE, "batch norm mode changed after creation");
     }
+
+    /* frozen batch norms: a step is the inference forward (dropout off), keeps the moving statistics */
+    x[5] = 0.5f;
+    ds_train_config frozen_cfg = cfg;
+    frozen_cfg.bn_frozen = 1;
+    frozen_cfg.dropout_rate = 0.0f;
+    ds_trainer *f = NULL;
+    CHECK(trainer_create(&f, model_parameters(model), &frozen_cfg) == DS_OK, "create frozen: %s", ds_last_error());
+    if (f) {
+        const char *stat = "trunk.block05.bn2.moving_variance";
+        const ds_param_entry *e = NULL;
+        CHECK(trainer_find_tensor(f, stat, &e) == DS_OK, "find: %s", ds_last_error());
+        ds_loss_value le, ls;
+        CHECK(trainer_evaluate(f, B, H, W, x, t, NULL, &le) == DS_OK, "evaluate: %s", ds_last_error());
+        if (e) {
+            float *before = malloc(e->count * sizeof(float)), *after = malloc(e->count * sizeof(float));
+            CHECK(trainer_read_tensor(f, stat, before) == DS_OK, "read: %s", ds_last_error());
+            CHECK(trainer_step(f, B, H, W, x, t, &ls) == DS_OK, "frozen step: %s", ds_last_error());
+            CHECK(trainer_read_tensor(f, stat, after) == DS_OK && memcmp(before, after, e->count * sizeof(float)) == 0,
+                  "a frozen batch norm changed its moving statistics");
+            CHECK(fabs(ls.loss - le.loss) <= 1e-5 * le.loss, "frozen step loss %g, inference loss %g", ls.loss,
+                  le.loss);
+            free(before);
+            free(after);
+        }
+    }
+    trainer_free(f);
     trainer_free(a);
     trainer_free(b);
     model_free(model);
