@@ -1097,8 +1097,9 @@ class TrainWidget(Container):
         self.learning_rate = LineEdit(label="learning rate", value="1e-4")
         self.validation_split = FloatSpinBox(label="validation split", value=0.2, min=0.0, max=0.9, step=0.05,
                                               tooltip="held out for validation (early stopping on its loss; its "
-                                                      "detection F1 is shown too): a strip along one edge of each annotated image or area, "
-                                                      "or whole images when 5 or more are annotated")
+                                                      "detection F1 is shown too): a strip along one edge of "
+                                                      "each annotated image or area, or whole images when 5 or "
+                                                      "more are annotated")
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")

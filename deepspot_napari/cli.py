@@ -267,10 +267,7 @@ def cmd_evaluate(args) -> int:
         datasets += evaluate.simulated_datasets(seed=args.seed, n_images=args.n_images, size=args.size, names=args.sets)
     if not datasets:
         raise ValueError("nothing to evaluate: give data set folders and/or --simulated")
-    out = Path(args.output)
-    existing = [out / name for name in evaluate.REPORT_FILES if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace the report")
+    out = _report_folder(args, evaluate.REPORT_FILES)
     params = dataclasses.replace(DEFAULT_DETECTION, **_detection_overrides(args))
     methods, notes = evaluate.default_methods(params, raw=not args.no_raw, bigfish=not args.no_bigfish,
                                               bigfish_spot_radius_px=evaluate.BIGFISH_SPOT_RADIUS_PX
@@ -293,9 +290,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _report_folder(args, report_files) -> Path:
+    """--output, refused when it holds one of the report's files and --overwrite is not given."""
+    out = Path(args.output)
+    existing = [out / name for name in report_files if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace the report")
+    return out
+
+
 def _evaluate_finetune(args, datasets) -> int:
     from . import evaluate
     from . import finetune_protocol as protocol
+    from .io import write_bytes
     if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
         raise ValueError("--seeds and --epochs must be at least 1")
     # the report names an image by its data set, and by its file too where the set has several
@@ -303,10 +310,7 @@ def _evaluate_finetune(args, datasets) -> int:
                                sample.truth) for dataset in datasets for sample in dataset]
     if not samples:
         raise ValueError("--finetune needs annotated images: give data set folders ([NAME=]FOLDER[,CSV_FOLDER])")
-    out = Path(args.output)
-    existing = [out / name for name in protocol.REPORT_FILES if (out / name).exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace the report")
+    out = _report_folder(args, protocol.REPORT_FILES)
     out.mkdir(parents=True, exist_ok=True)
     weights = Path(args.weights) if args.weights else None
     device = _load_model(args).device
@@ -317,8 +321,9 @@ def _evaluate_finetune(args, datasets) -> int:
     settings = "its defaults" if args.epochs is None else f"its defaults but at most {args.epochs} epochs"
     text = protocol.markdown(runs, [f"Starting weights: `{start}`; device {device}; Model.fit with {settings}; "
                                     f"seeds 0..{args.seeds - 1}. Made by `deepspot evaluate --finetune`."])
-    (out / "finetune.md").write_text(text)
-    evaluate._write_csv(out / "finetune.csv", list(protocol.csv_rows(runs)[0]), protocol.csv_rows(runs))
+    write_bytes(out / "finetune.md", text.encode())
+    rows = protocol.csv_rows(runs)
+    evaluate._write_csv(out / "finetune.csv", list(rows[0]), rows)
     try:
         protocol.curves_png(runs, out / "finetune_curves.png")
     except ImportError:

@@ -159,17 +159,21 @@ def folder_dataset(images: str | Path, csvs: str | Path | None = None, name: str
 
     def samples() -> Iterator[Sample]:
         for stem in stems:
-            image = np.asarray(read_image(image_files[stem]))
-            if image.ndim != 2:
-                raise ValueError(f"{image_files[stem]}: evaluation needs 2D greyscale images, this one has shape "
-                                 f"{image.shape}")
-            try:
-                truth = read_spots_csv(csv_files[stem])
-            except (ValueError, IndexError) as exc:
-                raise ValueError(f"{csv_files[stem]}: not a spots CSV ({exc})") from exc
-            yield Sample(image_files[stem].name, image, check_truth(truth, image.shape, str(csv_files[stem])))
+            yield _read_sample(image_files[stem], csv_files[stem])
 
     return Dataset(dataset_name, len(stems), samples)
+
+
+def _read_sample(image_path: Path, csv_path: Path) -> Sample:
+    """One annotated image from its file and its ground-truth CSV, checked."""
+    image = np.asarray(read_image(image_path))
+    if image.ndim != 2:
+        raise ValueError(f"{image_path}: evaluation needs 2D greyscale images, this one has shape {image.shape}")
+    try:
+        truth = read_spots_csv(csv_path)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"{csv_path}: not a spots CSV ({exc})") from exc
+    return Sample(image_path.name, image, check_truth(truth, image.shape, str(csv_path)))
 
 
 def file_dataset(image: str | Path, csv_path: str | Path, name: str | None = None) -> Dataset:
@@ -180,14 +184,7 @@ def file_dataset(image: str | Path, csv_path: str | Path, name: str | None = Non
             raise FileNotFoundError(f"file not found: {path}")
 
     def samples() -> Iterator[Sample]:
-        pixels = np.asarray(read_image(image))
-        if pixels.ndim != 2:
-            raise ValueError(f"{image}: evaluation needs 2D greyscale images, this one has shape {pixels.shape}")
-        try:
-            truth = read_spots_csv(csv_path)
-        except (ValueError, IndexError) as exc:
-            raise ValueError(f"{csv_path}: not a spots CSV ({exc})") from exc
-        yield Sample(image.name, pixels, check_truth(truth, pixels.shape, str(csv_path)))
+        yield _read_sample(image, csv_path)
 
     return Dataset(name or image.stem, 1, samples)
 

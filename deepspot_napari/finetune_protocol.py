@@ -11,6 +11,7 @@ the report shows how far the weights the defaults keep are from the best epoch, 
 """
 from __future__ import annotations
 
+import io
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .detect import detect_spots
+from .io import write_bytes
 from .metrics import match_nearest
 
 THRESHOLDS = np.round(np.arange(0.30, 0.96, 0.05), 2)
@@ -173,7 +175,7 @@ def curves_png(runs: Sequence[Run], path: Path) -> None:
     ax.set_title("solid: scored half; dashed: validation strip; dot: epoch kept; dotted: before", fontsize=9)
     ax.legend(fontsize=7, loc="lower right", title="scored on", title_fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_bytes(path, buffer.getvalue())

@@ -152,6 +152,11 @@ def _check_n_spots(n_spots, size):
     return lo, hi
 
 
+def _check_n_images(n_images):
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
+        raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+
+
 def _as_rng(rng):
     if isinstance(rng, np.random.Generator):
         return rng
@@ -639,8 +644,7 @@ def simulate_dataset(out_dir, n_images, recipe="code", n_spots=None, seed=0, siz
     """
     recipe = _check_recipe(recipe)
     size = _check_size(size)
-    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
-        raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+    _check_n_images(n_images)
     if n_spots is None:
         n_spots = _DEFAULT_N_SPOTS[recipe]
     _check_n_spots(n_spots, size)
@@ -697,8 +701,7 @@ def paper_test_sets(seed=0, n_images=40, size=256, names=None) -> Iterator[tuple
     so one set can be regenerated alone (``names=["DS_var_50"]``) and gives the
     same images as in the full sweep.  Sets are generated lazily.
     """
-    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
-        raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+    _check_n_images(n_images)
     size = _check_size(size)
     all_names = paper_test_set_names()
     wanted = all_names if names is None else list(names)
@@ -739,13 +742,18 @@ def background_without_spots(image, spot_size=7):
     larger than a spot removes every bright feature smaller than the square (spots, noise peaks)
     and keeps cells, nuclei, tissue texture and gradients; a 1 px Gaussian blur smooths the
     opening's flat steps."""
+    img = _checked_background(image)
+    return ndi.gaussian_filter(ndi.grey_opening(img, size=(spot_size, spot_size)), 1.0)
+
+
+def _checked_background(image):
     img = np.asarray(image)
     if img.ndim != 2 or min(img.shape) < MIN_SIZE:
         raise ValueError(f"a background must be a 2D image with sides >= {MIN_SIZE}, got shape {img.shape}")
     img = img.astype(np.float64)
     if not np.all(np.isfinite(img)):
         raise ValueError("a background image must be finite (no NaN or Inf)")
-    return ndi.gaussian_filter(ndi.grey_opening(img, size=(spot_size, spot_size)), 1.0)
+    return img
 
 
 def spots_on_background(rng, background, n_spots=(10, 100), snr=BACKGROUND_SNR, sigma=BACKGROUND_SIGMA):
@@ -753,9 +761,7 @@ def spots_on_background(rng, background, n_spots=(10, 100), snr=BACKGROUND_SNR, 
     of a real image), imaged with Poisson photon noise and a camera (gain, offset, read noise); the
     ranges are the module constants above. Returns (uint16 image, (n, 2) float64 (y, x) centres)."""
     rng = _as_rng(rng)
-    bg = np.asarray(background, dtype=np.float64)
-    if bg.ndim != 2 or min(bg.shape) < MIN_SIZE:
-        raise ValueError(f"background must be 2D with sides >= {MIN_SIZE}, got shape {bg.shape}")
+    bg = _checked_background(background)
     lo, hi = np.percentile(bg, (1.0, 99.5))
     level = np.clip((bg - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
     dark, bright = rng.uniform(*_DARK_PHOTONS), rng.uniform(*_BRIGHT_PHOTONS)
@@ -801,8 +807,7 @@ def background_dataset(out_dir, backgrounds, n_images, n_spots=(10, 100), seed=0
         raise ValueError("background_dataset needs at least one background image")
     cleaned = [background_without_spots(b) for b in backgrounds]
     size = _check_size(size)
-    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or n_images < 1:
-        raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+    _check_n_images(n_images)
     dirs = {k: os.path.join(out_dir, k) for k in ("images", "csv")}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)

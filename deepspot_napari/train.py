@@ -569,8 +569,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     batch_norm: "frozen" (every batch norm normalises with its moving statistics in training too and
     keeps them: the network trained is exactly the one inference runs), or "batch" (Keras' training
     mode: batch statistics, moving statistics updated with momentum 0.99). None: "frozen" when
-    fine-tuning trained weights on the CPU, "batch" from scratch, with bn_bessel or on the GPU (the CUDA backend
-    has no frozen batch norm yet). Fine-tuning on batch statistics drifts: after a few dozen steps
+    fine-tuning trained weights on the CPU, "batch" from scratch, with bn_bessel or on the GPU (the
+    CUDA backend has no frozen batch norm yet). Fine-tuning on batch statistics drifts: after a few dozen steps
     on crops of one image the moving statistics no longer match what the weights learnt, and the
     enhanced images inference gives fall apart (docs/training.md).
     validation_split: held out for validation (_split_validation explains how: whole areas when
@@ -580,8 +580,9 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     of the enhanced validation areas (`detection` = DetectionParams; default the fixed detector).
     monitor: "loss" (the default: with frozen batch norms the validation loss falls steadily while
     training helps, and it is far less noisy than the F1 of a strip holding a dozen spots) or "f1"
-    (ties go to the lower validation loss): what picks the best epoch. patience: epochs without a better monitor value after which training stops (0 acts as
-    1); the best epoch's weights are restored at the end.
+    (ties go to the lower validation loss): what picks the best epoch. patience: epochs without a
+    better monitor value after which training stops (0 acts as 1); the best epoch's weights are
+    restored at the end.
     check_annotations: before training, warn (IncompleteAnnotationWarning, also in
     History.warnings) where the model already finds many strong unannotated spots in an area.
     checkpoint_dir: where each epoch's checkpoint (loadable by Model.load too), the best weights
