@@ -190,19 +190,25 @@ def cmd_detect(args, enhance_first: bool = False) -> int:
 
 def cmd_simulate(args) -> int:
     from .io import read_image
-    from .simulate import background_dataset, simulate_dataset
-    spots = tuple(args.spots) if len(args.spots) == 2 else args.spots[0]
-    if args.background:
-        backgrounds = [np.asarray(read_image(path)) for path in args.background]
-        for path, pixels in zip(args.background, backgrounds):
-            if pixels.ndim != 2:
-                raise ValueError(f"{path}: a background must be a 2D greyscale image, this one has shape {pixels.shape}")
-        paths = background_dataset(args.output, backgrounds, args.n, n_spots=spots, seed=args.seed, size=args.size)
-        print(f"wrote {len(paths)} images of spots on {len(backgrounds)} real backgrounds with ground truth to "
-              f"{args.output}")
+    from .simulate import simulate_dataset
+    spots = None if args.spots is None else tuple(args.spots) if len(args.spots) == 2 else args.spots[0]
+    if args.recipe != "realistic":
+        if args.background or args.kinds or args.snr:
+            raise ValueError("--background, --kinds and --snr belong to --recipe realistic")
+        paths = simulate_dataset(args.output, args.n, recipe=args.recipe, n_spots=(10, 100) if spots is None else spots,
+                                 seed=args.seed, size=args.size)
+        print(f"wrote {len(paths)} images with targets and ground truth to {args.output}")
         return 0
-    paths = simulate_dataset(args.output, args.n, recipe=args.recipe, n_spots=spots, seed=args.seed, size=args.size)
-    print(f"wrote {len(paths)} images with targets and ground truth to {args.output}")
+    from .realistic import SNR_RANGE, background_sources, realistic_dataset
+    images = [np.asarray(read_image(path)) for path in args.background or ()]
+    for path, pixels in zip(args.background or (), images):
+        if pixels.ndim != 2:
+            raise ValueError(f"{path}: a background must be a 2D greyscale image, this one has shape {pixels.shape}")
+    sources = background_sources(images, None if args.background_part == "all" else args.background_part)
+    paths = realistic_dataset(args.output, args.n, seed=args.seed, size=args.size, sources=sources, kinds=args.kinds,
+                              n_spots=spots, snr=tuple(args.snr) if args.snr else SNR_RANGE)
+    print(f"wrote {len(paths)} realistic images with ground truth to {args.output}"
+          + (f" ({len(sources)} real background sources)" if sources else ""))
     return 0
 
 
@@ -260,7 +266,10 @@ def cmd_evaluate(args) -> int:
     datasets = [evaluate.parse_dataset_spec(spec) for spec in args.datasets]
     if args.finetune:
         return _evaluate_finetune(args, datasets)
+    if args.realistic:
+        return _evaluate_realistic(args)
     if args.simulated:
+        args.n_images = args.n_images or evaluate.PAPER_TEST_IMAGES
         if args.seed == evaluate.VALIDATION_SEED:
             print(f"deepspot evaluate: warning: seed {args.seed} gives the validation images the detection defaults "
                   "were chosen on; the test sets use seed 0", file=sys.stderr)
@@ -287,6 +296,61 @@ def cmd_evaluate(args) -> int:
     print(evaluate.f1_table(results))
     print(f"\n{sum(n for _, _, n in results.datasets)} images in {results.wall_seconds:.1f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+REALISTIC_REPORT = "realistic.md"
+
+
+def _evaluate_realistic(args) -> int:
+    """The realistic benchmark (realistic_eval): the model of --weights and those of --compare with the
+    fixed detector, Big-FISH and U-FISH, on the realistic test family and on images without spots."""
+    import dataclasses
+    from . import evaluate, realistic_eval
+    from .detect import DEFAULT_DETECTION
+    from .model import Model
+    out = _report_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT,))
+    n_images = args.n_images or realistic_eval.TEST_IMAGES
+    sources, why = realistic_eval.real_background_sources(
+        args.realdata if args.realdata is not None else realistic_eval.default_realdata(), "test")
+    notes = [why] if why else [f"real backgrounds: the bottom-right quarters of {', '.join(realistic_eval.REAL_BACKGROUND_FILES)}"]
+    params = dataclasses.replace(DEFAULT_DETECTION, **_detection_overrides(args))
+    models = [_load_model(args)]
+    for weights in args.compare or ():
+        model = Model.load(weights, device=args.device, precision=args.precision)
+        if all(model.path.resolve() != m.path.resolve() for m in models):  # each model once
+            models.append(model)
+    methods = [realistic_eval.model_method(m, f"DeepSpot {m.path.stem} + fixed detector", m.path.stem.replace("deepspot_", ""),
+                                           params) for m in models]
+    if not args.no_bigfish:
+        if evaluate.bigfish_available():
+            methods.append(evaluate.bigfish_method(evaluate.BIGFISH_SPOT_RADIUS_PX if args.bigfish_spot_radius is None
+                                                   else args.bigfish_spot_radius))
+        else:
+            notes.append("Big-FISH row skipped: the optional package big-fish is not installed (pip install big-fish)")
+    peers, peer_notes = realistic_eval.peer_methods(args.peers if args.peers is not None else realistic_eval.default_peers())
+    methods += peers
+    notes += peer_notes
+    for note in notes:
+        print(f"deepspot evaluate: {note}", file=sys.stderr)
+    spots = evaluate.run_evaluation(realistic_eval.realistic_datasets(sources, args.seed, n_images, args.size), methods,
+                                    progress=Progress("evaluate", args.quiet), notes=notes)
+    empty = evaluate.run_evaluation(realistic_eval.empty_datasets(sources, args.seed, n_images, args.size), methods,
+                                    progress=Progress("evaluate", args.quiet))
+    preamble = [f"Realistic test family (deepspot_napari/realistic_eval.py), seed {args.seed}, {n_images} images of "
+                f"{args.size}x{args.size} per set. Detection on enhanced images: `{params}`."]
+    evaluate.write_report(spots, out, title="DeepSpot on realistic images", preamble=preamble)
+    text = ["# Realistic benchmark: F1 per SNR bin, false detections without spots", "", *preamble, "",
+            *[f"> {note}" for note in notes], "", "## F1 (%) per SNR bin (20-80 spots per image, every spot at that SNR)",
+            "", *realistic_eval.snr_table(spots), "", "## Recall (%) per SNR bin", "",
+            *realistic_eval.snr_table(spots, "recall"), "", "## F1 (%) per density (SNR 3-20)", "",
+            evaluate.f1_table(spots), "", "## Images without spots", "", *realistic_eval.false_detections_table(empty),
+            "", f"Every metric: [evaluation.md](evaluation.md). Wall time {spots.wall_seconds + empty.wall_seconds:.0f} s.", ""]
+    from .io import write_bytes
+    write_bytes(out / REALISTIC_REPORT, "\n".join(text).encode())
+    print("\n".join(realistic_eval.snr_table(spots)))
+    print("\n".join(realistic_eval.false_detections_table(empty)))
+    print(f"wrote {out / REALISTIC_REPORT} and {out / evaluate.REPORT_FILES[0]}")
     return 0
 
 
@@ -336,11 +400,16 @@ def cmd_train(args) -> int:
     from . import evaluate
     from .simulate import simulate_image
     from .train import save_training_curves
-    images, points = [], []
-    for spec in args.data:
-        for sample in evaluate.parse_dataset_spec(spec):
-            images.append(sample.image)
-            points.append(sample.truth)
+    def read(specs):
+        images, points = [], []
+        for spec in specs:
+            for sample in evaluate.parse_dataset_spec(spec):
+                images.append(sample.image)
+                points.append(sample.truth)
+        return images, points
+
+    images, points = read(args.data)
+    validation = read(args.validation) if args.validation else None
     if not images:
         if not args.simulate:
             raise ValueError("nothing to train on: give folders of images + CSVs and/or --simulate N")
@@ -362,7 +431,8 @@ def cmd_train(args) -> int:
                             learning_rate=args.learning_rate, validation_split=args.validation_split, seed=args.seed,
                             max_term=args.max_term, checkpoint_dir=out, resume=args.resume, patience=args.patience,
                             monitor=args.monitor, augment=not args.no_augment, batch_norm=args.batch_norm,
-                            simulate=args.simulate,
+                            simulate=args.simulate, validation=validation,
+                            target_background=args.target_background,
                             patch_size=args.patch_size, from_scratch=args.from_scratch, bn_bessel=args.bn_bessel,
                             progress=Progress("train", args.quiet))
     save_training_curves(history, out / "curves.png")
@@ -374,6 +444,15 @@ def cmd_train(args) -> int:
     print(f"\nbest epoch {history.best_epoch}{' (stopped early)' if history.stopped_early else ''}; "
           f"weights: {out / 'best.safetensors'} (deepspot run ... --weights {out / 'best.safetensors'})")
     return 0
+
+
+def _target_background(text: str):
+    if text in ("model", "paper"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected model, paper or a number in (0, 1], got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,14 +538,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, model=False)
     p.add_argument("output", help="output folder")
     p.add_argument("-n", type=int, default=10, help="number of images (default 10)")
-    p.add_argument("--recipe", default="code", choices=("code", "ds_fixed", "ds_var", "hybrid"),
-                   help="the original code's recipe or the paper's data sets (default: code)")
-    p.add_argument("--spots", type=int, nargs="+", default=[10, 100], metavar="N",
-                   help="spots per image: N, or LOW HIGH drawn per image (default 10 100)")
+    p.add_argument("--recipe", default="code", choices=("code", "ds_fixed", "ds_var", "hybrid", "realistic"),
+                   help="the original code's recipe, the paper's data sets, or realistic: structured cell/tissue "
+                        "backgrounds, SNR 2-30, camera noise, 8/12/16 bit (docs/simulator.md; default: code)")
+    p.add_argument("--spots", type=int, nargs="+", default=None, metavar="N",
+                   help="spots per image: N, or LOW HIGH drawn per image (default 10 100; realistic: its "
+                        "density, none to crowded)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    p.add_argument("--background", nargs="+", metavar="IMAGE",
-                   help="instead of a recipe: Gaussian spots (SNR 3-20, sigma 1-2 px) on these real 2D images with "
-                        "their own spots removed, Poisson and camera noise, uint16 (images/ and csv/, no targets)")
+    group = p.add_argument_group("realistic recipe")
+    group.add_argument("--background", nargs="+", metavar="IMAGE",
+                       help="real 2D images whose backgrounds (their spots removed) join the synthetic ones")
+    group.add_argument("--background-part", default="all", choices=("all", "train", "validation", "test"),
+                       help="the part of each real image used: train = left half, validation = top-right "
+                            "quarter, test = bottom-right quarter, so that the three never share pixels "
+                            "(default all)")
+    group.add_argument("--kinds", nargs="+", choices=("cells", "tissue", "paper", "flat", "real"),
+                       help="background kinds to draw from (default: all; real needs --background)")
+    group.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                       help="spot SNR range, log-uniform (default 2 30; LOW = HIGH fixes it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_simulate)
 
@@ -481,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with CSVs of the same file stems beside them or in CSV_FOLDER")
     p.add_argument("--simulated", action="store_true",
                    help="also regenerate the paper's test sets DS_fixed_10..100 and DS_var_10..100")
-    p.add_argument("--n-images", type=int, default=40, help="--simulated: images per set (default 40, the paper's)")
+    p.add_argument("--n-images", type=int, default=None,
+                   help="--simulated: images per set (default 40, the paper's); --realistic: default 20")
     p.add_argument("--sets", nargs="+", metavar="NAME", help="--simulated: only these sets (e.g. DS_var_50)")
     p.add_argument("--seed", type=int, default=0, help="--simulated: seed of the test sets (default 0)")
     p.add_argument("--size", type=int, default=256, help="--simulated: image side (default 256)")
@@ -494,6 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="--finetune: training seeds per half (default 3)")
     p.add_argument("--epochs", type=int, default=None,
                    help="--finetune: at most this many epochs (default: the training default, deepspot train's)")
+    group = p.add_argument_group("realistic benchmark")
+    group.add_argument("--realistic", action="store_true",
+                       help="the realistic test family: SNR bins 2-20, densities, images without spots; DeepSpot "
+                            "(--weights and --compare), Big-FISH and U-FISH (writes realistic.md too)")
+    group.add_argument("--compare", nargs="+", metavar="WEIGHTS",
+                       help="--realistic: more models to score (files, or bundled names: hybrid, general)")
+    group.add_argument("--realdata", metavar="DIR",
+                       help="--realistic: the realdata folder with the real backgrounds (default $DEEPSPOT_REALDATA, "
+                            "else ../shared/realdata)")
+    group.add_argument("--peers", metavar="DIR",
+                       help="--realistic: the peers folder with U-FISH's ONNX model (default $DEEPSPOT_PEERS, else "
+                            "../shared/peers)")
     p.add_argument("--no-raw", action="store_true", help="leave out the raw-image baseline")
     p.add_argument("--no-bigfish", action="store_true", help="leave out the Big-FISH baseline")
     p.add_argument("--bigfish-spot-radius", type=float, metavar="PX",
@@ -520,6 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-split", type=float, default=0.2,
                    help="held out for validation (default 0.2): whole images from 5 images on, else a strip along "
                         "one edge of each image; 0: none")
+    p.add_argument("--validation", nargs="+", metavar="[NAME=]FOLDER[,CSV_FOLDER]",
+                   help="annotated images held out for validation (instead of --validation-split)")
+    p.add_argument("--target-background", default="model", type=_target_background, metavar="LEVEL",
+                   help="the training target's background: model (the one the weights were made for; default), "
+                        "paper (kept as it is, the paper's), or a level in (0, 1] it is scaled to")
     p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
                    help=f"epochs without a better monitored value (--monitor) before stopping (default {DEFAULT_PATIENCE})")
     p.add_argument("--monitor", default="loss", choices=("f1", "loss"),

@@ -15,7 +15,10 @@ from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .devices import core_module, resolve_device
 from .images import as_image_stack, scale_plane
 
-BUNDLED_WEIGHTS = "deepspot_hybrid.safetensors"
+# The models shipped in weights/, by the name Model.load, --weights and the widgets' menu take.
+BUNDLED_MODELS = {"hybrid": "deepspot_hybrid.safetensors", "general": "deepspot_general.safetensors"}
+DEFAULT_MODEL = "hybrid"
+BUNDLED_WEIGHTS = BUNDLED_MODELS[DEFAULT_MODEL]
 SIZE_MULTIPLE = 8  # three stride-2 stages down and up
 # Windows of 768 px, one at a time: on a 2048x2048 image the fastest setting measured (4.2 s against
 # 5.0 s for 512 px windows in batches of 4) and the smaller peak memory (0.8 against 1.1 GiB).
@@ -28,7 +31,9 @@ class Cancelled(Exception):
 
 
 def bundled_weights_path(name: str = BUNDLED_WEIGHTS) -> Path:
-    """The weights shipped with the package (installed next to it; the source tree's weights/ in a checkout)."""
+    """The weights shipped with the package (installed next to it; the source tree's weights/ in a
+    checkout): a file name, or a model name of BUNDLED_MODELS."""
+    name = BUNDLED_MODELS.get(name, name)
     here = Path(__file__).resolve().parent
     for candidate in (here / "weights" / name, here.parent / "weights" / name):
         if candidate.is_file():
@@ -106,14 +111,31 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto", precision: str = "float32") -> "Model":
-        """Loads weights (None = the bundled published model). device: "auto" (the GPU when one
+        """Loads weights: a safetensors file, a bundled model's name (BUNDLED_MODELS: "hybrid", the
+        published weights; "general"), or None for the default bundled model. device: "auto" (the GPU when one
         works here, else the CPU), "cpu" or "cuda"; precision: "float32", or "tf32" (TF32 tensor-core
         convolutions, GPU only). See devices.resolve_device for the errors."""
         device = resolve_device(device, precision)
-        path = bundled_weights_path() if path is None else Path(path)
+        if path is None or (isinstance(path, str) and path in BUNDLED_MODELS and not Path(path).is_file()):
+            path = bundled_weights_path(DEFAULT_MODEL if path is None else path)
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         return cls(core_module(device).Network(str(path), math=precision), path, device)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The weights file's safetensors metadata (how the model was made)."""
+        from .safetensors_io import read_metadata
+        return read_metadata(self.path)
+
+    @property
+    def target_background(self) -> float | None:
+        """The training target the weights were made for (train.make_training_pair): None for the
+        paper's (background kept, divided by its own maximum), else the level the background was
+        scaled to. Fine-tuning keeps it."""
+        value = self.metadata.get("target_background")
+        return None if value in (None, "", "None") else float(value)
 
     @property
     def precision(self) -> str:

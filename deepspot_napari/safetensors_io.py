@@ -9,8 +9,9 @@ weight files that the strict C reader in ``csrc/`` loads.  Layout written, per t
 * the raw little-endian float32 data of every tensor, C-contiguous, in sorted-name order, with no gaps.
 
 The file is written atomically: a temporary file in the destination folder, fsync, ``os.replace``.
-On any error nothing is left at ``path`` (and the temporary file is removed).  There is deliberately no
-reader here: the only reader is the strict one in C.
+On any error nothing is left at ``path`` (and the temporary file is removed).  Tensors are read only
+by the strict reader in C; ``read_metadata`` here reads the header's ``__metadata__`` (the model's
+settings, such as the training target it was made for).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["save_safetensors"]
+__all__ = ["save_safetensors", "read_metadata"]
 
 _ALIGN = 8
 
@@ -131,3 +132,25 @@ def save_safetensors(
         pass
     finally:
         os.close(dfd)
+
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The ``__metadata__`` object of a safetensors file ({} when it has none). A file too short or
+    with a header that is not a JSON object raises ValueError naming the file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors file (no valid header length)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8")) if len(raw) == n else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object, or it is truncated)")
+    meta = header.get("__metadata__", {})
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}

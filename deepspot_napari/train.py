@@ -128,13 +128,19 @@ def _check_points(points, shape, index: int) -> np.ndarray:
     return p
 
 
-def make_training_pair(image: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(input, target) float32 for one image: the image divided by its maximum, and e(X) divided by
-    its maximum (REFERENCE_MODEL section 3; where stamps overlap the larger value wins)."""
+def make_training_pair(image: np.ndarray, points: np.ndarray,
+                       target_background: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input, target) float32 for one image: the image divided by its maximum, and e(X): the
+    3x3 STAMP at every point (where stamps overlap the larger value wins) on the input's 0..255
+    scale. target_background None: the paper's e(X) (REFERENCE_MODEL section 3: the background kept
+    as it is, the target divided by its own maximum). A level b in (0, 1]: the background scaled to
+    b of the input and the target divided by 255, so that stamps are 1 and the background stays at
+    most b, also without spots (with the paper's e(X) a spot-free crop's brightest pixel is a
+    target of 1: a detection)."""
     image = np.asarray(image, np.float32)
     peak = float(image.max())
     x = image / np.float32(peak)
-    target = x * np.float32(255.0)
+    target = x * np.float32(255.0 if target_background is None else 255.0 * target_background)
     if len(points):
         yx = np.rint(np.asarray(points, np.float64)).astype(np.int64)
         stamp = np.full(image.shape, -1.0, np.float32)
@@ -145,7 +151,8 @@ def make_training_pair(image: np.ndarray, points: np.ndarray) -> tuple[np.ndarra
                 ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
                 np.maximum.at(stamp, (ys[ok], xs[ok]), STAMP[dy + 1, dx + 1])
         target = np.where(stamp >= 0, stamp, target)
-    return x, (target / target.max()).astype(np.float32)
+    scale = target.max() if target_background is None else np.float32(255.0)
+    return x, (target / scale).astype(np.float32)
 
 
 def _patch_starts(length: int, patch: int) -> list[int]:
@@ -182,20 +189,20 @@ class _Data:
         return len(self.x)
 
 
-def _tiles(areas: Sequence["_Area"], patch: int) -> list[_Data]:
+def _tiles(areas: Sequence["_Area"], patch: int, target_background: float | None) -> list[_Data]:
     """The patches tiling each area (each scaled by its own maximum, with its target), at most
     patch x patch and never padded (a narrow validation strip gets narrow tiles): what the
     validation loss is computed on. One _Data per area (tiles of one area share a shape)."""
-    return [_area_tiles(area, patch) for area in areas]
+    return [_area_tiles(area, patch, target_background) for area in areas]
 
 
-def _area_tiles(area: "_Area", patch: int) -> _Data:
+def _area_tiles(area: "_Area", patch: int, target_background: float | None) -> _Data:
     xs, ts, ps, sources = [], [], [], []
     h, w = (min(patch, n // SIZE_MULTIPLE * SIZE_MULTIPLE) for n in area.shape)
     for tile, tile_points in _patches(area.image, area.points, h, w):
         if tile.max() <= 0:
             continue  # an empty (all-zero) patch has nothing to scale by
-        x, t = make_training_pair(tile, tile_points)
+        x, t = make_training_pair(tile, tile_points, target_background)
         xs.append(x)
         ts.append(t)
         ps.append(tile_points)
@@ -340,7 +347,8 @@ def _patch_side(areas: Sequence[_Area], patch_size: int) -> int:
     return side
 
 
-def _crops(areas: Sequence[_Area], n: int, patch: int, rng: np.random.Generator, augment: bool) -> _Data:
+def _crops(areas: Sequence[_Area], n: int, patch: int, rng: np.random.Generator, augment: bool,
+           target_background: float | None) -> _Data:
     """n random patch x patch crops of the areas (an area is picked in proportion to its pixels),
     each scaled by its own maximum with its target; with augment, each is turned by one of the 8
     rotations/reflections of the square and, half of the time, given a uniform background offset
@@ -370,7 +378,7 @@ def _crops(areas: Sequence[_Area], n: int, patch: int, rng: np.random.Generator,
             if flip:
                 tile = tile[:, ::-1]
                 pts = pts * [1, -1] + [0, patch - 1]
-        x, t = make_training_pair(np.ascontiguousarray(tile), pts)
+        x, t = make_training_pair(np.ascontiguousarray(tile), pts, target_background)
         xs.append(x)
         ts.append(t)
         ps.append(pts)
@@ -386,13 +394,13 @@ def _rotate_points(points: np.ndarray, side: int, turns: int) -> np.ndarray:
     return p
 
 
-def _simulated(n: int, patch: int, seed: int, epoch: int) -> _Data:
+def _simulated(n: int, patch: int, seed: int, epoch: int, target_background: float | None) -> _Data:
     from .simulate import simulate_image
     xs, ts, ps = [], [], []
     children = np.random.SeedSequence([seed, epoch, 0x51]).spawn(n)
     for child in children:
         image, spots = simulate_image(np.random.default_rng(child), recipe="hybrid", size=patch)
-        x, t = make_training_pair(image.astype(np.float32), spots)
+        x, t = make_training_pair(image.astype(np.float32), spots, target_background)
         xs.append(x)
         ts.append(t)
         ps.append(spots)
@@ -543,7 +551,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         cancel: Callable[[], bool] | None = None, simulate: int = 0, patch_size: int = DEFAULT_PATCH_SIZE,
         from_scratch: bool = False, bn_bessel: bool = False, detection=None, on_epoch: Callable[[dict], None] | None = None,
         return_trainer: bool = False, regions: Sequence | None = None, augment: bool = True, monitor: str = "loss",
-        steps_per_epoch: int | None = None, check_annotations: bool = True, batch_norm: str | None = None):
+        steps_per_epoch: int | None = None, check_annotations: bool = True, batch_norm: str | None = None,
+        validation: tuple[Sequence, Sequence] | None = None, target_background: float | str = "model"):
     """Trains the network on `images` (2D arrays, any size) annotated with `points` ((n, 2) arrays of
     (y, x) pixel positions, one per image) and returns a History (and the trainer if
     return_trainer; `trainer.to_network()` gives the trained inference network).
@@ -587,6 +596,11 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     History.warnings) where the model already finds many strong unannotated spots in an area.
     checkpoint_dir: where each epoch's checkpoint (loadable by Model.load too), the best weights
     (best.safetensors), the state file and curves.png go; with resume=True a run found there continues.
+    validation: (images, points) held out for validation instead of a split of the training data
+    (validation_split is then not used).
+    target_background: the training target (make_training_pair): "model" (the one the weights
+    were made for, Model.target_background), "paper" (the paper's e(X)) or a background level in
+    (0, 1]. Saved checkpoints record it, so that a fine-tuned model keeps it.
     simulate: this many extra simulated images (simulate.simulate_image, "hybrid" recipe) join the
     training crops each epoch. patch_size: side of the training crops (a multiple of 8; smaller
     areas lower it to their side).
@@ -618,11 +632,26 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
 
     areas = _prepare_areas(images, points, regions)
-    train, val = _split_validation(areas, validation_split, seed)
+    if validation is not None:
+        if len(validation) != 2:
+            raise ValueError("validation must be (images, points): the held-out annotated images and their spots")
+        train, val = areas, _prepare_areas(validation[0], validation[1], None)
+    else:
+        train, val = _split_validation(areas, validation_split, seed)
     patch = _patch_side(train, patch_size)
-    val_tiles = _tiles(val, patch)
 
     model = _resolve_model(model_or_path)
+    if target_background == "model":
+        target = model.target_background
+    elif target_background == "paper":
+        target = None
+    elif isinstance(target_background, (int, float)) and not isinstance(target_background, bool) \
+            and 0 < target_background <= 1:
+        target = float(target_background)
+    else:
+        raise ValueError(f"target_background must be 'model', 'paper' or a level in (0, 1], got {target_background!r}")
+    target_meta = {} if target is None else {"target_background": target}
+    val_tiles = _tiles(val, patch, target)
     if batch_norm is None:
         batch_norm = "batch" if from_scratch or bn_bessel or model.device == "cuda" else "frozen"
     if bn_bessel and batch_norm == "frozen":
@@ -639,7 +668,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
                     dropout=float(dropout), simulate=int(simulate), patch_size=int(patch),
                     from_scratch=bool(from_scratch), bn_bessel=bool(bn_bessel), augment=bool(augment),
                     monitor=monitor, steps_per_epoch=steps_per_epoch, batch_norm=batch_norm,
-                    data=_fingerprint(areas))
+                    data=_fingerprint(areas), target_background=target,
+                    validation=None if validation is None else _fingerprint(val))
     history = History()
     start_epoch, wait = 0, 0
     best_params: dict[str, np.ndarray] | None = None
@@ -677,9 +707,9 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         began = time.perf_counter()
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x5EED]))
         # user crops fill what the simulated images leave of the epoch's steps x batch_size samples
-        epoch_data = _crops(train, max(steps * batch_size - simulate, 1), patch, rng, augment)
+        epoch_data = _crops(train, max(steps * batch_size - simulate, 1), patch, rng, augment, target)
         if simulate:
-            epoch_data = epoch_data.join(_simulated(simulate, patch, seed, epoch))
+            epoch_data = epoch_data.join(_simulated(simulate, patch, seed, epoch, target))
         perm = rng.permutation(len(epoch_data))
         sums = np.zeros(3)
         for b in range(steps):
@@ -718,7 +748,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         if improved:
             history.best_epoch, history.best_monitor, wait = epoch + 1, key, 0
             if ckpt is not None:
-                _save_weights(trainer, ckpt / BEST_WEIGHTS, False, {"epoch": epoch + 1, monitor_name: abs(key[0])})
+                _save_weights(trainer, ckpt / BEST_WEIGHTS, False,
+                              {"epoch": epoch + 1, monitor_name: abs(key[0]), **target_meta})
             else:
                 best_params = {name: trainer.get(name) for name in trainer.names}
         else:
@@ -727,7 +758,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
                 history.stopped_early = True
         if ckpt is not None:
             name = f"checkpoint-{epoch + 1:05d}.safetensors"
-            _save_weights(trainer, ckpt / name, True, {"epoch": epoch + 1})
+            _save_weights(trainer, ckpt / name, True, {"epoch": epoch + 1, **target_meta})
             _write_json(ckpt / STATE_FILE, dict(settings=settings, epoch=epoch + 1, step_count=trainer.step_count,
                                                 wait=wait, checkpoint=name, history=history.to_dict(),
                                                 rng=dict(scheme="SeedSequence([seed, epoch, ...])", seed=int(seed)),

@@ -157,13 +157,15 @@ def test_simulate_spots_on_a_real_background(tmp_path):
     background = tmp_path / "background.tif"
     tifffile.imwrite(background, (1000 + 200 * np.add.outer(np.arange(96), np.arange(96)) / 96).astype(np.uint16))
     out = tmp_path / "bg"
-    assert main(["simulate", str(out), "-n", "2", "--size", "64", "--spots", "5", "9", "--background",
-                 str(background)]) == 0
+    assert main(["simulate", str(out), "-n", "2", "--size", "64", "--spots", "5", "9", "--recipe", "realistic",
+                 "--kinds", "real", "--background", str(background)]) == 0
     image = tifffile.imread(out / "images" / "0001.tif")
     spots = np.loadtxt(out / "csv" / "0001.csv", delimiter=",", skiprows=1).reshape(-1, 2)
-    assert image.dtype == np.uint16 and image.shape == (64, 64) and 5 <= len(spots) <= 9
+    assert image.dtype in (np.uint8, np.uint16) and image.shape == (64, 64) and 5 <= len(spots) <= 9
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((2, 40, 40), np.uint16))
-    assert main(["simulate", str(tmp_path / "x"), "--background", str(tmp_path / "stack.tif")]) == 2
+    assert main(["simulate", str(tmp_path / "x"), "--recipe", "realistic", "--background", str(tmp_path / "stack.tif")]) == 2
+    assert main(["simulate", str(tmp_path / "y"), "--background", str(background)]) == 2  # not the realistic recipe
+    assert main(["simulate", str(tmp_path / "z"), "--recipe", "realistic", "--kinds", "real"]) == 2  # no sources
 
 
 def test_train_fine_tunes_resumes_and_the_weights_run(tmp_path, capsys):

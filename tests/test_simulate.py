@@ -409,24 +409,3 @@ def test_make_target_reproduces_authors_targets():
         total += img.size
     # only where stamps overlap (their later stamp overwrote; ours keeps the max)
     assert diff / total < 1e-3
-
-
-def test_spots_on_background_keep_the_background_and_add_spots_at_their_positions():
-    """A spot on a smooth gradient is removed by background_without_spots; spots_on_background puts
-    its spots (sigma, SNR in the declared ranges) where it says, on the background it was given."""
-    yy, xx = np.mgrid[0:96, 0:96].astype(float)
-    gradient = 500 + 3 * yy + 2 * xx
-    with_spot = gradient + 400 * np.exp(-((yy - 40) ** 2 + (xx - 50) ** 2) / (2 * 1.5 ** 2))
-    cleaned = S.background_without_spots(with_spot)
-    assert np.abs(cleaned - gradient)[8:-8, 8:-8].max() < 0.05 * 400
-    image, spots = S.spots_on_background(3, cleaned, n_spots=(20, 30))
-    assert image.dtype == np.uint16 and 20 <= len(spots) <= 30
-    assert np.all((spots >= 2) & (spots <= 93))
-    local = ndi.median_filter(image.astype(float), size=11)
-    iy, ix = np.rint(spots).astype(int).T
-    # the spot centres stand above their local background: SNR >= 3 by construction, noise included
-    assert np.mean(image[iy, ix] > local[iy, ix]) > 0.9
-    with pytest.raises(ValueError, match="2D image with sides"):
-        S.background_without_spots(np.ones((10, 10)))
-    with pytest.raises(ValueError, match="finite"):
-        S.background_without_spots(np.full((40, 40), np.nan))
