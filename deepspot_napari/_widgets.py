@@ -40,7 +40,7 @@ from qtpy.QtWidgets import QSizePolicy, QWidget
 from .detect import DEFAULT_DETECTION, METHODS, SUBPIXEL_MODES, DetectionParams, detect_spots
 from .devices import PRECISIONS, available_devices, gpu_not_trusted, probe, resolve_device
 from .io import write_bytes
-from .model import BUNDLED_WEIGHTS, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_weights_path
+from .model import BUNDLED_WEIGHTS, DEFAULT_MODEL, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_models, bundled_weights_path
 from ._reader_writer import points_layer_kwargs
 from .train import DEFAULT_EPOCHS, DEFAULT_PATIENCE, IncompleteAnnotationWarning
 
@@ -99,28 +99,34 @@ class CurrentModel:
         self._model: Model | None = None
         self.device = "auto"
         self.precision = "float32"
-        self.label = f"bundled ({BUNDLED_WEIGHTS})"
-        self.path: Path | None = None  # None: the bundled weights
+        self.label = f"bundled {DEFAULT_MODEL} ({BUNDLED_WEIGHTS})"
+        self.path: Path | None = None  # None: the bundled model named `bundled`
+        self.bundled = DEFAULT_MODEL
         self.unsaved = False           # fine-tuned weights that exist only in memory
         self.version = 0
 
     def get(self) -> Model:
         with self._lock:
             if self._model is None:
-                self._model = Model.load(self.path, device=self.device, precision=self.precision)
+                self._model = Model.load(self.path or self.bundled, device=self.device, precision=self.precision)
             return self._model
 
-    def load(self, path: str | Path | None = None, device: str | None = None, precision: str | None = None) -> Model:
-        """Loads weights (None: the bundled ones) on `device` with `precision` (default: the current
-        ones); raises on error."""
+    def load(self, path: str | Path | None = None, device: str | None = None, precision: str | None = None,
+             bundled: str | None = None) -> Model:
+        """Loads weights (path; None: the bundled model named `bundled`, default the default one) on
+        `device` with `precision` (default: the current ones); raises on error."""
         device = device or self.device
         precision = precision or self.precision
+        bundled = bundled or self.bundled
         if path is not None:
             path = _chosen_file(path, "choose a .safetensors weights file first")
-        model = Model.load(path, device=device, precision=precision)
-        label = f"bundled ({BUNDLED_WEIGHTS})" if path is None else path.name
+            model = Model.load(path, device=device, precision=precision)
+            label = path.name
+        else:
+            model = Model.load(bundled, device=device, precision=precision)
+            label = f"bundled {bundled} ({model.path.name})"
         with self._lock:
-            self.device, self.precision = device, precision
+            self.device, self.precision, self.bundled = device, precision, bundled
         self.set(model, label, path=path)
         return model
 
@@ -136,7 +142,7 @@ class CurrentModel:
         """A new Model with the current weights (what Train fine-tunes, so that Enhance and Detect
         can go on with the current model meanwhile)."""
         with self._lock:
-            path, device, precision = self.path, self.device, self.precision
+            path, device, precision = self.path or self.bundled, self.device, self.precision
         return Model.load(path, device=device, precision=precision)
 
     @property
@@ -435,10 +441,14 @@ class ModelPanel(Container):
                                   visible="cuda" in choices,
                                   tooltip="tf32: TF32 tensor-core convolutions on the GPU (faster, less exact)")
         self.load_button = PushButton(text="Load weights")
+        self.bundled = ComboBox(label="bundled", choices=bundled_models(),
+                                tooltip="the models shipped with the plugin (weights/README.md): general, trained "
+                                        "here on realistic images; hybrid, the published DeepSpot weights")
         self.bundled_button = PushButton(text="Use bundled")
         buttons = Container(widgets=[self.load_button, self.bundled_button], layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)
-        super().__init__(widgets=[self.info, self.weights, self.device, self.precision, buttons], labels=True)
+        super().__init__(widgets=[self.info, self.weights, self.bundled, self.device, self.precision, buttons],
+                         labels=True)
         self.margins = (0, 0, 0, 0)
         self.load_button.changed.connect(self._load)
         self.bundled_button.changed.connect(self._bundled)
@@ -450,7 +460,7 @@ class ModelPanel(Container):
     def _refresh(self) -> None:
         try:
             self.info.value = self.holder.description
-            self.info.tooltip = str(self.holder.path or "the published DeepSpot weights shipped with the package")
+            self.info.tooltip = str(self.holder.path or f"the bundled {self.holder.bundled} model (weights/README.md)")
             untrusted = gpu_not_trusted()
             self.device.tooltip = f"runs on {self.holder.runs_on}" + (
                 f"\nthe GPU present is not used: {untrusted}" if untrusted else "")
@@ -469,7 +479,7 @@ class ModelPanel(Container):
 
     @_guarded("Use bundled weights")
     def _bundled(self, *_):
-        self.holder.load(None)
+        self.holder.load(None, bundled=self.bundled.value)
         show_info(f"DeepSpot model: {self.holder.description}")
 
     def _reload(self, **setting: str) -> None:
@@ -1249,7 +1259,7 @@ class TrainWidget(Container):
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         holder = self.holder
-        source = holder.path if holder.path is not None else bundled_weights_path()
+        source = holder.path if holder.path is not None else bundled_weights_path(holder.bundled)
         if not Path(source).is_file():
             raise UserError(f"the current model's weights file {source} is gone; train again or load weights")
         if path.resolve() != Path(source).resolve():

@@ -122,12 +122,13 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
 
 def _file_job(args, path: Path, targets: dict[str, Path], enhance: bool, detect: bool):
     from .large import FileJob
+    from .model import weights_path
     weights = getattr(args, "weights", None)
     return FileJob(path=str(Path(path).resolve()), targets={k: str(Path(v).resolve()) for k, v in targets.items()},
                    enhance=enhance, detect=detect, tile_size=getattr(args, "tile_size", 512),
                    detection=_detection_overrides(args) if detect else {}, block_size=args.block_size,
                    overwrite=bool(args.overwrite or args.resume),
-                   weights=str(Path(weights).resolve()) if weights else None, device=getattr(args, "device", "auto"),
+                   weights=str(weights_path(weights).resolve()) if weights else None, device=getattr(args, "device", "auto"),
                    precision=getattr(args, "precision", "float32"))
 
 
@@ -468,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, model=True):
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if model:
-            p.add_argument("--weights", help="a .safetensors model (default: the bundled published model)")
+            p.add_argument("--weights", help="a .safetensors model, or a bundled model's name: hybrid (the published "
+                                             "weights), general (default: the default bundled model)")
             p.add_argument("--device", default="auto", choices=DEVICES,
                            help="where the network runs (default: auto = the GPU when one works here, else the CPU)")
             p.add_argument("--precision", default="float32", choices=PRECISIONS,

@@ -41,6 +41,27 @@ def bundled_weights_path(name: str = BUNDLED_WEIGHTS) -> Path:
     raise FileNotFoundError(f"bundled weights '{name}' not found next to the package ({here / 'weights'})")
 
 
+def weights_path(weights: str | Path | None) -> Path:
+    """The file of a weights argument: a path, a bundled model's name (BUNDLED_MODELS; a file of
+    that name in the working folder wins), or None for the default bundled model."""
+    if weights is None or (isinstance(weights, str) and weights in BUNDLED_MODELS and not Path(weights).is_file()):
+        return bundled_weights_path(DEFAULT_MODEL if weights is None else weights)
+    return Path(weights)
+
+
+def bundled_models() -> list[str]:
+    """The names of BUNDLED_MODELS whose weights are installed, the default first."""
+    names = [DEFAULT_MODEL] + [n for n in BUNDLED_MODELS if n != DEFAULT_MODEL]
+    available = []
+    for name in names:
+        try:
+            bundled_weights_path(name)
+        except FileNotFoundError:
+            continue
+        available.append(name)
+    return available
+
+
 # Receptive-field radius of each stage at its own input resolution, rounded up: a window this
 # much larger than the part kept from it computes that part exactly as a whole-image pass would.
 ENCODER_HALO_PX = 32    # CASO: the atrous path reaches about 21 px
@@ -116,9 +137,7 @@ class Model:
         works here, else the CPU), "cpu" or "cuda"; precision: "float32", or "tf32" (TF32 tensor-core
         convolutions, GPU only). See devices.resolve_device for the errors."""
         device = resolve_device(device, precision)
-        if path is None or (isinstance(path, str) and path in BUNDLED_MODELS and not Path(path).is_file()):
-            path = bundled_weights_path(DEFAULT_MODEL if path is None else path)
-        path = Path(path)
+        path = weights_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         return cls(core_module(device).Network(str(path), math=precision), path, device)

@@ -631,6 +631,11 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or steps_per_epoch < 1):
         raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
 
+    if target_background not in ("model", "paper") and not (
+            isinstance(target_background, (int, float)) and not isinstance(target_background, bool)
+            and 0 < target_background <= 1):
+        raise ValueError(f"target_background must be 'model', 'paper' or a level in (0, 1], got {target_background!r}")
+
     areas = _prepare_areas(images, points, regions)
     if validation is not None:
         if len(validation) != 2:
@@ -641,15 +646,8 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     patch = _patch_side(train, patch_size)
 
     model = _resolve_model(model_or_path)
-    if target_background == "model":
-        target = model.target_background
-    elif target_background == "paper":
-        target = None
-    elif isinstance(target_background, (int, float)) and not isinstance(target_background, bool) \
-            and 0 < target_background <= 1:
-        target = float(target_background)
-    else:
-        raise ValueError(f"target_background must be 'model', 'paper' or a level in (0, 1], got {target_background!r}")
+    target = {"model": model.target_background, "paper": None}.get(target_background, target_background)
+    target = None if target is None else float(target)
     target_meta = {} if target is None else {"target_background": target}
     val_tiles = _tiles(val, patch, target)
     if batch_norm is None:

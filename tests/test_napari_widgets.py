@@ -361,10 +361,10 @@ def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatc
     version = holder.version
     detect.model_panel.device.value = "cuda"
     train.model_panel.precision.value = "tf32"
-    assert loads == [(None, "cuda", "float32"), (None, "cuda", "tf32")]
+    assert loads == [("hybrid", "cuda", "float32"), ("hybrid", "cuda", "tf32")]  # the default bundled model
     assert (holder.device, holder.precision) == ("cuda", "tf32") and holder.version == version + 2
     assert enhance.model_panel.device.value == "cuda" and enhance.model_panel.precision.value == "tf32"
-    assert holder.copy() is model and loads[-1] == (None, "cuda", "tf32")  # what Train fine-tunes
+    assert holder.copy() is model and loads[-1] == ("hybrid", "cuda", "tf32")  # what Train fine-tunes
 
 
 def test_loss_plot_draws_a_history(viewer):

@@ -451,6 +451,32 @@ def test_fit_adds_simulated_images_each_epoch():
     assert history.steps == -(-(40 + 3) // 2)  # enough crops to cover the 40 tiles and the simulated ones once
 
 
+def test_compressed_target_keeps_the_background_below_its_level_also_without_spots(rng):
+    image = rng.uniform(100, 200, (32, 32)).astype(np.float32)
+    points = np.array([[10.0, 12.0], [20.2, 5.7]])
+    x, paper = make_training_pair(image, points)
+    _, compressed = make_training_pair(image, points, 0.5)
+    assert np.array_equal(paper[10, 12], compressed[10, 12]) and compressed[10, 12] == 1.0  # stamps alike
+    far = np.ones(image.shape, bool)
+    far[8:13, 10:15] = far[18:23, 4:9] = False
+    assert np.allclose(compressed[far], 0.5 * x[far])  # the background at half the input
+    _, empty_paper = make_training_pair(image, np.zeros((0, 2)))
+    _, empty = make_training_pair(image, np.zeros((0, 2)), 0.5)
+    assert empty_paper.max() == 1.0 and empty.max() == pytest.approx(0.5)  # nothing to detect stays below 0.5
+
+
+def test_fit_records_the_target_and_validates_on_given_images(tmp_path):
+    images, points = small_dataset(n=3)
+    history = fit(None, images[:2], points[:2], validation=(images[2:], points[2:]), target_background=0.5,
+                  checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    assert np.isfinite(history.val_loss[0])
+    model = Model.load(tmp_path / BEST_WEIGHTS)
+    assert model.target_background == 0.5 and Model.load().target_background is None
+    # fine-tuning a model keeps its target ("model", the default): the checkpoint says so again
+    fit(model, images[:2], points[:2], checkpoint_dir=tmp_path / "again", **{**FIT, "epochs": 1, "validation_split": 0.0})
+    assert Model.load(tmp_path / "again" / BEST_WEIGHTS).target_background == 0.5
+
+
 def test_crops_stay_in_their_area_and_carry_their_points_through_rotations(rng):
     from deepspot_napari.train import _Area, _crops
     image = rng.uniform(1, 10, (40, 56)).astype(np.float32)
@@ -458,14 +484,14 @@ def test_crops_stay_in_their_area_and_carry_their_points_through_rotations(rng):
     for y, x in np.rint(truth).astype(int):
         image[y, x] = 1000.0  # each annotated pixel the brightest around
     area = _Area(image, truth, 0, (0, 0))
-    data = _crops([area], 40, 32, rng, augment=True)
+    data = _crops([area], 40, 32, rng, augment=True, target_background=None)
     assert data.x.shape == (40, 32, 32) and np.allclose(data.x.reshape(40, -1).max(axis=1), 1)
     for x, t, pts in zip(data.x, data.t, data.points):
         r = np.rint(pts).astype(int)
         assert np.all((r >= 0) & (r < 32))
         assert np.all(t[r[:, 0], r[:, 1]] == 1.0)  # the stamp's centre sits on the turned point
         assert np.all(x[r[:, 0], r[:, 1]] > 0.5)   # ... which is the turned bright pixel
-    plain = _crops([area], 5, 32, np.random.default_rng(1), augment=False)
+    plain = _crops([area], 5, 32, np.random.default_rng(1), augment=False, target_background=None)
     for x in plain.x:  # without augmentation, a crop is a window of the image, scaled
         found = [(y0, x0) for y0 in range(9) for x0 in range(25)
                  if np.allclose(image[y0:y0 + 32, x0:x0 + 32] / image[y0:y0 + 32, x0:x0 + 32].max(), x)]
@@ -515,7 +541,10 @@ def test_fit_rejects_bad_settings():
     for kwargs, message in [(dict(epochs=0), "epochs"), (dict(epochs=1, batch_size=0), "batch_size"),
                             (dict(epochs=1, max_term="mean"), "max_term"),
                             (dict(epochs=1, validation_split=1.0), "validation_split"),
-                            (dict(epochs=1, patch_size=30), "patch_size"), (dict(epochs=1, dropout=1.0), "dropout")]:
+                            (dict(epochs=1, patch_size=30), "patch_size"), (dict(epochs=1, dropout=1.0), "dropout"),
+                            (dict(epochs=1, target_background=0.0), "target_background"),
+                            (dict(epochs=1, target_background="zero"), "target_background"),
+                            (dict(epochs=1, validation=([np.ones((32, 32))],)), "validation must be")]:
         with pytest.raises(ValueError, match=message):
             fit(None, images, points, **kwargs)
 
