@@ -40,7 +40,8 @@ from qtpy.QtWidgets import QSizePolicy, QWidget
 from .detect import DEFAULT_DETECTION, METHODS, SUBPIXEL_MODES, DetectionParams, detect_spots
 from .devices import PRECISIONS, available_devices, gpu_not_trusted, probe, resolve_device
 from .io import write_bytes
-from .model import BUNDLED_WEIGHTS, DEFAULT_MODEL, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_models, bundled_weights_path
+from .model import (BUNDLED_WEIGHTS, DEFAULT_MODEL, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_models,
+                    bundled_weights_path, detection_defaults)
 from ._reader_writer import points_layer_kwargs
 from .train import DEFAULT_EPOCHS, DEFAULT_PATIENCE, IncompleteAnnotationWarning
 
@@ -137,6 +138,13 @@ class CurrentModel:
             self.label, self.path, self.unsaved = label, path, unsaved
             self.version += 1
         self.changed.emit()
+
+    @property
+    def detection(self) -> DetectionParams:
+        """The current model's detection defaults (Model.detection), read without loading it."""
+        with self._lock:
+            model, path = self._model, self.path or self.bundled
+        return model.detection if model is not None else detection_defaults(path)
 
     def copy(self) -> Model:
         """A new Model with the current weights (what Train fine-tunes, so that Enhance and Detect
@@ -700,7 +708,7 @@ class DetectWidget(Container):
         self.table_button = PushButton(text="Show features table", enabled=False,
                                        tooltip="napari's features table of the spots layer (Layers > Metadata)")
         super().__init__(widgets=[self.image, self.enhance_first, self.model_panel, self.stack_mode,
-                                  Label(value="Detection parameters (defaults fixed on simulated data):"),
+                                  Label(value="Detection parameters (the model's defaults, fixed on validation data):"),
                                   self.params_box,
                                   Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                                             labels=False),
@@ -712,6 +720,7 @@ class DetectWidget(Container):
         self.method.changed.connect(self._method_changed)
         self.enhance_first.changed.connect(self._enhance_first_changed)
         self.defaults_button.changed.connect(self.reset_defaults)
+        self.holder.changed.connect(self._model_changed)
         self.run_button.changed.connect(self.detect)
         self.cancel_button.changed.connect(self.cancel)
         self.table_button.changed.connect(self.show_table)
@@ -742,8 +751,21 @@ class DetectWidget(Container):
         for widget in (self.scales, self.sensitivities):
             widget.visible = not peak
 
+    def _model_changed(self, *_):
+        """Another model may come with other detection defaults (Model.detection): show them."""
+        try:
+            detection = self.holder.detection
+        except Exception:  # noqa: BLE001 - a model that fails to load says so when it is used
+            return
+        if detection != self._model_detection:
+            self.reset_defaults()
+
     def reset_defaults(self, *_):
-        d = DEFAULT_DETECTION
+        try:
+            d = self.holder.detection
+        except Exception:  # noqa: BLE001 - a model that fails to load says so when it is used
+            d = DEFAULT_DETECTION
+        self._model_detection = d
         self.method.value, self.threshold.value, self.min_distance.value = d.method, d.threshold, d.min_distance
         self.footprint_radius.value, self.subpixel.value = d.footprint_radius, d.subpixel
         self.window_radius.value, self.merge_radius.value = d.window_radius, d.merge_radius
@@ -751,7 +773,7 @@ class DetectWidget(Container):
         self.sensitivities.value = ",".join(f"{s:g}" for s in d.sensitivities)
 
     def params(self) -> DetectionParams:
-        """The parameters shown (DEFAULT_DETECTION unless edited)."""
+        """The parameters shown (the current model's defaults unless edited)."""
         def numbers(widget, kind, what):
             try:
                 values = tuple(kind(v) for v in str(widget.value).replace(";", ",").split(",") if v.strip())

@@ -263,7 +263,6 @@ def cmd_demo(args) -> int:
 def cmd_evaluate(args) -> int:
     import dataclasses
     from . import evaluate
-    from .detect import DEFAULT_DETECTION
     datasets = [evaluate.parse_dataset_spec(spec) for spec in args.datasets]
     if args.finetune:
         return _evaluate_finetune(args, datasets)
@@ -278,13 +277,13 @@ def cmd_evaluate(args) -> int:
     if not datasets:
         raise ValueError("nothing to evaluate: give data set folders and/or --simulated")
     out = _report_folder(args, evaluate.REPORT_FILES)
-    params = dataclasses.replace(DEFAULT_DETECTION, **_detection_overrides(args))
+    model = _load_model(args)
+    params = dataclasses.replace(model.detection, **_detection_overrides(args))
     methods, notes = evaluate.default_methods(params, raw=not args.no_raw, bigfish=not args.no_bigfish,
                                               bigfish_spot_radius_px=evaluate.BIGFISH_SPOT_RADIUS_PX
                                               if args.bigfish_spot_radius is None else args.bigfish_spot_radius)
     for note in notes:
         print(f"deepspot evaluate: {note}", file=sys.stderr)
-    model = _load_model(args)
     results = evaluate.run_evaluation(datasets, methods, model, progress=Progress("evaluate", args.quiet), notes=notes,
                                       tile_size=args.tile_size)
     preamble = [f"Model: `{model.path.name}` ({model.num_parameters:,} parameters, {model.device}, "
@@ -308,21 +307,22 @@ def _evaluate_realistic(args) -> int:
     fixed detector, Big-FISH and U-FISH, on the realistic test family and on images without spots."""
     import dataclasses
     from . import evaluate, realistic_eval
-    from .detect import DEFAULT_DETECTION
     from .model import Model
     out = _report_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT,))
     n_images = args.n_images or realistic_eval.TEST_IMAGES
     sources, why = realistic_eval.real_background_sources(
         args.realdata if args.realdata is not None else realistic_eval.default_realdata(), "test")
     notes = [why] if why else [f"real backgrounds: the bottom-right quarters of {', '.join(realistic_eval.REAL_BACKGROUND_FILES)}"]
-    params = dataclasses.replace(DEFAULT_DETECTION, **_detection_overrides(args))
+    overrides = _detection_overrides(args)
     models = [_load_model(args)]
     for weights in args.compare or ():
         model = Model.load(weights, device=args.device, precision=args.precision)
         if all(model.path.resolve() != m.path.resolve() for m in models):  # each model once
             models.append(model)
+    # each model with its own detection defaults (Model.detection), the same overrides for all
     methods = [realistic_eval.model_method(m, f"DeepSpot {m.path.stem} + fixed detector", m.path.stem.replace("deepspot_", ""),
-                                           params) for m in models]
+                                           dataclasses.replace(m.detection, **overrides)) for m in models]
+    params = ", ".join(f"{m.path.stem}: `{dataclasses.replace(m.detection, **overrides)}`" for m in models)
     if not args.no_bigfish:
         if evaluate.bigfish_available():
             methods.append(evaluate.bigfish_method(evaluate.BIGFISH_SPOT_RADIUS_PX if args.bigfish_spot_radius is None
@@ -339,7 +339,7 @@ def _evaluate_realistic(args) -> int:
     empty = evaluate.run_evaluation(realistic_eval.empty_datasets(sources, args.seed, n_images, args.size), methods,
                                     progress=Progress("evaluate", args.quiet))
     preamble = [f"Realistic test family (deepspot_napari/realistic_eval.py), seed {args.seed}, {n_images} images of "
-                f"{args.size}x{args.size} per set. Detection on enhanced images: `{params}`."]
+                f"{args.size}x{args.size} per set. Detection on enhanced images: {params}."]
     evaluate.write_report(spots, out, title="DeepSpot on realistic images", preamble=preamble)
     text = ["# Realistic benchmark: F1 per SNR bin, false detections without spots", "", *preamble, "",
             *[f"> {note}" for note in notes], "", "## F1 (%) per SNR bin (20-80 spots per image, every spot at that SNR)",

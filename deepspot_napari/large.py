@@ -35,7 +35,7 @@ import numpy as np
 
 from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .model import (DECODER_HALO_CELLS, DEFAULT_BATCH_SIZE, DEFAULT_TILE_SIZE, ENCODER_HALO_PX, SIZE_MULTIPLE,
-                    TRUNK_HALO_CELLS, Cancelled)
+                    TRUNK_HALO_CELLS, Cancelled, detection_defaults)
 
 RECEPTIVE_FIELD_PX = ENCODER_HALO_PX + (TRUNK_HALO_CELLS + DECODER_HALO_CELLS) * SIZE_MULTIPLE  # 192
 HALO_PX = 256
@@ -556,7 +556,10 @@ def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
 
 def _process_blocked(job: FileJob, model, block_size: int, progress, cancel, mapper) -> str:
     from .io import atomic_zarr, create_zarr, open_image, write_spots_table, write_tiff
-    detection = resolve_detection(**job.detection) if job.detect else None
+    detection = None
+    if job.detect:  # enhanced here: the model's own detection defaults (on workers: its weights file's)
+        base = (model.detection if model is not None else detection_defaults(job.weights)) if job.enhance else None
+        detection = resolve_detection(base, **job.detection)
     remote = mapper is not None
     with open_image(job.path) as source:
         n_blocks = len(block_grid(*source.shape[-2:], block_size))

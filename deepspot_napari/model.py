@@ -41,6 +41,28 @@ def bundled_weights_path(name: str = BUNDLED_WEIGHTS) -> Path:
     raise FileNotFoundError(f"bundled weights '{name}' not found next to the package ({here / 'weights'})")
 
 
+def detection_from_metadata(metadata: dict[str, str]) -> DetectionParams:
+    """DetectionParams of a weights file's "detection" metadata (fields not given keep
+    DEFAULT_DETECTION's), or DEFAULT_DETECTION without it; a malformed entry raises ValueError."""
+    import dataclasses
+    import json
+    text = metadata.get("detection")
+    if not text:
+        return DEFAULT_DETECTION
+    try:
+        fields = json.loads(text)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        return dataclasses.replace(DEFAULT_DETECTION, **fields)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"the weights' detection metadata is not valid DetectionParams JSON: {text!r} ({exc})") from None
+
+
+def detection_defaults(weights: str | Path | None) -> DetectionParams:
+    """Model.detection of a weights argument (weights_path), read from its metadata without loading it."""
+    from .safetensors_io import read_metadata
+    return detection_from_metadata(read_metadata(weights_path(weights)))
+
+
 def weights_path(weights: str | Path | None) -> Path:
     """The file of a weights argument: a path, a bundled model's name (BUNDLED_MODELS; a file of
     that name in the working folder wins), or None for the default bundled model."""
@@ -157,6 +179,13 @@ class Model:
         return None if value in (None, "", "None") else float(value)
 
     @property
+    def detection(self) -> DetectionParams:
+        """The detection defaults chosen for these weights on validation data (the weights file's
+        "detection" metadata, JSON of DetectionParams fields), else DEFAULT_DETECTION (chosen for
+        the published weights: docs/detection_defaults.md)."""
+        return detection_from_metadata(self.metadata)
+
+    @property
     def precision(self) -> str:
         """The convolutions' arithmetic: "float32" or "tf32"."""
         return self._network.math
@@ -255,13 +284,13 @@ class Model:
             out[index] = enhanced[:h, :w, 0]
         return out.reshape(image.shape)
 
-    def detect(self, image, *, enhanced: np.ndarray | None = None, params: DetectionParams = DEFAULT_DETECTION,
+    def detect(self, image, *, enhanced: np.ndarray | None = None, params: DetectionParams | None = None,
                progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
                **overrides) -> Spots:
         """Finds the spots of a 2D image (Y, X) or a z-stack (Z, Y, X): enhances it (unless its
-        enhanced version is given) and runs the detector with one fixed parameter set (`params`,
-        the defaults chosen once on simulated validation data; keyword overrides such as
-        threshold=0.6 replace single fields). Intensities are sampled from `image`."""
+        enhanced version is given) and runs the detector with one fixed parameter set (`params`;
+        None: the model's own defaults, Model.detection; keyword overrides such as threshold=0.6
+        replace single fields). Intensities are sampled from `image`."""
         image = as_image_stack(image)
         if image.ndim > 3:
             raise ValueError(f"image has shape {image.shape}; detect expects a 2D image (Y, X) or a z-stack "
@@ -270,4 +299,4 @@ class Model:
             enhanced = self.enhance(image, progress=progress, cancel=cancel)
         elif np.shape(enhanced) != image.shape:
             raise ValueError(f"enhanced has shape {np.shape(enhanced)}; it must match the image's {image.shape}")
-        return detect_spots(enhanced, raw=image, params=params, **overrides)
+        return detect_spots(enhanced, raw=image, params=self.detection if params is None else params, **overrides)

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import evaluate
-from .detect import DEFAULT_DETECTION, DetectionParams, detect_spots
+from .detect import DetectionParams, detect_spots
 from .realistic import BACKGROUND_KINDS, background_sources, realistic_image
 
 REAL_BACKGROUND_FILES = ("unannotated/spotiflow_img_hybiss_2d.tif", "unannotated/ufish_sample1.tif",
@@ -92,8 +92,10 @@ def empty_datasets(sources=(), seed: int = evaluate.TEST_SEED, n_images: int = T
 
 
 # ---- methods ----------------------------------------------------------------------------------------
-def model_method(model, name: str, label: str, params: DetectionParams = DEFAULT_DETECTION) -> evaluate.Method:
-    """A DeepSpot model (its own, not the evaluation's) with a detector setting."""
+def model_method(model, name: str, label: str, params: DetectionParams | None = None) -> evaluate.Method:
+    """A DeepSpot model (its own, not the evaluation's) with a detector setting (None: the model's
+    own defaults, Model.detection)."""
+    params = model.detection if params is None else params
     return evaluate.Method(name, label, lambda s, e: detect_spots(model.enhance(s.image), params=params).coords)
 
 

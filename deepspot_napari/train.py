@@ -646,9 +646,13 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     patch = _patch_side(train, patch_size)
 
     model = _resolve_model(model_or_path)
+    detection = model.detection if detection is None else detection
     target = {"model": model.target_background, "paper": None}.get(target_background, target_background)
     target = None if target is None else float(target)
-    target_meta = {} if target is None else {"target_background": target}
+    # what the weights were made for travels with them: the target, the base model's detection defaults
+    weights_meta = {} if target is None else {"target_background": target}
+    if "detection" in model.metadata:
+        weights_meta["detection"] = model.metadata["detection"]
     val_tiles = _tiles(val, patch, target)
     if batch_norm is None:
         batch_norm = "batch" if from_scratch or bn_bessel or model.device == "cuda" else "frozen"
@@ -747,7 +751,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
             history.best_epoch, history.best_monitor, wait = epoch + 1, key, 0
             if ckpt is not None:
                 _save_weights(trainer, ckpt / BEST_WEIGHTS, False,
-                              {"epoch": epoch + 1, monitor_name: abs(key[0]), **target_meta})
+                              {"epoch": epoch + 1, monitor_name: abs(key[0]), **weights_meta})
             else:
                 best_params = {name: trainer.get(name) for name in trainer.names}
         else:
@@ -756,7 +760,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
                 history.stopped_early = True
         if ckpt is not None:
             name = f"checkpoint-{epoch + 1:05d}.safetensors"
-            _save_weights(trainer, ckpt / name, True, {"epoch": epoch + 1, **target_meta})
+            _save_weights(trainer, ckpt / name, True, {"epoch": epoch + 1, **weights_meta})
             _write_json(ckpt / STATE_FILE, dict(settings=settings, epoch=epoch + 1, step_count=trainer.step_count,
                                                 wait=wait, checkpoint=name, history=history.to_dict(),
                                                 rng=dict(scheme="SeedSequence([seed, epoch, ...])", seed=int(seed)),

@@ -187,3 +187,37 @@ def test_windowed_2048_enhancement_runs_in_bounded_memory(tmp_path):
                             check=True)
     peak_kib = int(result.stdout.split()[-1])
     assert peak_kib < 1024 * 1024, f"peak {peak_kib / 1024:.0f} MiB"
+
+
+def _weights_with_metadata(path, **metadata):
+    """The bundled weights saved again with extra safetensors metadata."""
+    from deepspot_napari.train import _save_weights
+    _save_weights(Model.load("hybrid").make_trainer(), path, False, metadata)
+    return path
+
+
+def test_bundled_models_load_by_name_and_the_missing_one_says_where_it_looked():
+    from deepspot_napari.model import BUNDLED_MODELS, bundled_models
+    assert Model.load("hybrid").path == bundled_weights_path("hybrid") == bundled_weights_path()
+    assert "hybrid" in bundled_models() and set(bundled_models()) <= set(BUNDLED_MODELS)
+    for name in set(BUNDLED_MODELS) - set(bundled_models()):
+        with pytest.raises(FileNotFoundError, match="not found next to the package"):
+            Model.load(name)
+
+
+def test_a_model_carries_its_detection_defaults_and_its_target(tmp_path, rng):
+    from deepspot_napari.detect import DEFAULT_DETECTION, detect_spots
+    plain = Model.load("hybrid")
+    assert plain.detection == DEFAULT_DETECTION and plain.target_background is None
+    path = _weights_with_metadata(tmp_path / "own.safetensors", detection='{"threshold": 0.6, "scales": [1]}',
+                                  target_background="0.5")
+    own = Model.load(path)
+    assert own.detection.threshold == 0.6 and own.detection.scales == (1,) and own.target_background == 0.5
+    assert own.detection.method == DEFAULT_DETECTION.method  # fields not given keep the defaults
+    image = rng.uniform(0, 50, (64, 64)).astype(np.float32)
+    image[20, 30] = image[40, 12] = 255
+    enhanced = own.enhance(image)
+    assert np.array_equal(own.detect(image).coords, detect_spots(enhanced, params=own.detection).coords)
+    bad = Model.load(_weights_with_metadata(tmp_path / "bad.safetensors", detection='{"thresh": 1}'))
+    with pytest.raises(ValueError, match="detection metadata is not valid"):
+        bad.detection

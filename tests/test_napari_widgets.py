@@ -321,6 +321,24 @@ def test_one_current_model_shared_by_the_widgets(viewer, tmp_path):
     assert detect.model_panel.device.value == "cpu" and enhance.model_panel.info.value.endswith("on cpu")
     detect.model_panel.bundled_button.clicked.emit()
     assert holder.path is None and enhance.model_panel.info.value.startswith("bundled")
+    assert detect.model_panel.bundled.value == "hybrid" and "hybrid" in detect.model_panel.bundled.choices
+
+
+def test_detect_widget_shows_the_models_own_detection_defaults(viewer, tmp_path):
+    from deepspot_napari.detect import DEFAULT_DETECTION
+    from deepspot_napari.train import _save_weights
+    own = tmp_path / "own.safetensors"
+    _save_weights(Model.load("hybrid").make_trainer(), own, False, {"detection": '{"threshold": 0.6}'})
+    detect = DetectWidget(viewer)
+    assert detect.threshold.value == DEFAULT_DETECTION.threshold
+    detect.model_panel.weights.value = str(own)
+    detect.model_panel.load_button.clicked.emit()
+    assert detect.threshold.value == 0.6 and detect.params().threshold == 0.6
+    detect.threshold.value = 0.7  # an edit stays while the model keeps the same defaults
+    current_model(viewer).load(own, device="cpu")
+    assert detect.threshold.value == 0.7
+    detect.model_panel.bundled_button.clicked.emit()  # the published weights: their own defaults again
+    assert detect.threshold.value == DEFAULT_DETECTION.threshold
 
 
 def test_device_choices_are_the_working_devices(viewer, messages):

@@ -472,9 +472,14 @@ def test_fit_records_the_target_and_validates_on_given_images(tmp_path):
     assert np.isfinite(history.val_loss[0])
     model = Model.load(tmp_path / BEST_WEIGHTS)
     assert model.target_background == 0.5 and Model.load().target_background is None
-    # fine-tuning a model keeps its target ("model", the default): the checkpoint says so again
-    fit(model, images[:2], points[:2], checkpoint_dir=tmp_path / "again", **{**FIT, "epochs": 1, "validation_split": 0.0})
-    assert Model.load(tmp_path / "again" / BEST_WEIGHTS).target_background == 0.5
+    # fine-tuning a model keeps its target ("model", the default) and its detection defaults
+    from deepspot_napari.train import _save_weights
+    _save_weights(model.make_trainer(), tmp_path / "base.safetensors", False,
+                  {"target_background": 0.5, "detection": '{"threshold": 0.6}'})
+    fit(Model.load(tmp_path / "base.safetensors"), images[:2], points[:2], checkpoint_dir=tmp_path / "again",
+        **{**FIT, "epochs": 1, "validation_split": 0.0})
+    tuned = Model.load(tmp_path / "again" / BEST_WEIGHTS)
+    assert tuned.target_background == 0.5 and tuned.detection.threshold == 0.6
 
 
 def test_crops_stay_in_their_area_and_carry_their_points_through_rotations(rng):

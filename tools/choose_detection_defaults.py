@@ -5,8 +5,10 @@ on simulated VALIDATION data only, and prints the tables of docs/detection_defau
 Validation data (never the test sets, which use evaluate.TEST_SEED = 0):
   * DS_fixed-like and DS_var-like images with 10, 20, ..., 100 spots:
     simulate.paper_test_sets(seed=evaluate.VALIDATION_SEED = 1), --per-set images per set;
-  * images of the authors' script recipe ("code", 10..100 spots), SeedSequence([1, 2, k]).
-Every image is enhanced once with the bundled weights; then:
+  * images of the authors' script recipe ("code", 10..100 spots), SeedSequence([1, 2, k]);
+  * with --realistic N: N images of the realistic recipe, SeedSequence([1, 0x5EA1, 9, k]), 10..150
+    spots, on the real backgrounds' validation quarters (realistic.split_source; --realdata).
+Every image is enhanced once with the model (--weights; default the default bundled model); then:
   1. a grid over the peak detector (threshold, min_distance, footprint_radius) and the wavelet
      detector (scales, sensitivity), without subpixel refinement, ranked by the mean F1 of the
      paper's protocol (nearest detection within 3 px), ties by the one-to-one F1;
@@ -19,6 +21,7 @@ Deterministic: same data, same grid, same order, same output.
 
     python tools/choose_detection_defaults.py            # about 5 minutes on 2 cores
     python tools/choose_detection_defaults.py --quick    # a smaller set, for a look
+    python tools/choose_detection_defaults.py --weights general --realistic 100   # the general model
 """
 from __future__ import annotations
 
@@ -38,7 +41,10 @@ from deepspot_napari import metrics  # noqa: E402
 from deepspot_napari.detect import DEFAULT_DETECTION, DetectionParams, detect_spots  # noqa: E402
 from deepspot_napari.evaluate import (VALIDATION_SEED, bigfish_available, bigfish_method,  # noqa: E402
                                       code_recipe_dataset, simulated_datasets)
+from deepspot_napari.evaluate import Dataset, Sample  # noqa: E402
 from deepspot_napari.model import Model  # noqa: E402
+from deepspot_napari.realistic import realistic_image  # noqa: E402
+from deepspot_napari.realistic_eval import default_realdata, real_background_sources  # noqa: E402
 
 PEAK_THRESHOLDS = [round(float(t), 2) for t in np.arange(0.30, 0.951, 0.05)]
 PEAK_MIN_DISTANCES = [0.0, 1.0, 2.0, 3.0, 4.0]
@@ -50,10 +56,25 @@ BIGFISH_RADII = [1.0, 1.25, 1.5, 1.75, 2.0]
 FAMILIES = ("DS_fixed", "DS_var", "code")
 
 
-def load_validation(per_set: int, n_code: int, model: Model):
+def realistic_validation(n: int, realdata) -> Dataset:
+    sources, why = real_background_sources(realdata, "validation")
+    if why:
+        print(f"realistic validation images: {why}", file=sys.stderr)
+
+    def samples():
+        for k in range(n):
+            sim = realistic_image(np.random.default_rng(np.random.SeedSequence([VALIDATION_SEED, 0x5EA1, 9, k])), 256,
+                                  sources=sources, n_spots=(10, 150))
+            yield Sample(f"realistic/{k:03d}", sim.image, sim.spots)
+    return Dataset("realistic", n, samples)
+
+
+def load_validation(per_set: int, n_code: int, model: Model, n_realistic: int = 0, realdata=None):
     """[(family, set name, truth, raw image, enhanced image)], enhanced once."""
     datasets = simulated_datasets(seed=VALIDATION_SEED, n_images=per_set)
     datasets.append(code_recipe_dataset(VALIDATION_SEED, n_code, name="code"))
+    if n_realistic:
+        datasets.append(realistic_validation(n_realistic, realdata))
     items, start = [], time.perf_counter()
     total = sum(len(d) for d in datasets)
     for dataset in datasets:
@@ -116,17 +137,22 @@ def main(argv=None) -> int:
     parser.add_argument("--per-set", type=int, default=10, help="validation images per DS set (default 10; 20 sets)")
     parser.add_argument("--code", type=int, default=50, help="validation images of the code recipe (default 50)")
     parser.add_argument("--quick", action="store_true", help="3 images per set and 10 code images")
+    parser.add_argument("--weights", help="the model (a file or a bundled name; default the default bundled model)")
+    parser.add_argument("--realistic", type=int, default=0, metavar="N", help="N realistic-recipe validation images")
+    parser.add_argument("--realdata", default=None, help="realdata folder (default $DEEPSPOT_REALDATA, ../shared/realdata)")
     args = parser.parse_args(argv)
     if args.quick:
         args.per_set, args.code = 3, 10
     start = time.perf_counter()
-    model = Model.load()
+    model = Model.load(args.weights)
     print(f"validation data: seed {VALIDATION_SEED}; {args.per_set} images x 20 DS sets + {args.code} code-recipe "
-          f"images; model {model.path.name}; current default: {DEFAULT_DETECTION}")
-    items, enhance_seconds = load_validation(args.per_set, args.code, model)
+          f"images + {args.realistic} realistic images; model {model.path.name}; current default: {DEFAULT_DETECTION}")
+    items, enhance_seconds = load_validation(args.per_set, args.code, model, args.realistic,
+                                             args.realdata or default_realdata())
     columns = [("F1 %", "f1"), ("1:1 F1 %", "f1_1to1"), ("precision %", "precision"), ("recall %", "recall"),
                ("AM/img", "ambiguous"), ("F1 DS_fixed", "f1_DS_fixed"), ("F1 DS_var", "f1_DS_var"),
-               ("F1 code", "f1_code"), ("worst set F1", "worst_set")]
+               ("F1 code", "f1_code")] + ([("F1 realistic", "f1_realistic")] if args.realistic else []) + [
+               ("worst set F1", "worst_set")]
 
     def run_grid(configs):
         out = []
