@@ -34,6 +34,7 @@ def test_test_family_is_deterministic_and_its_snr_bins_are_exact():
 
 
 def test_ufish_scaling_and_spot_calling_follow_its_pipeline():
+    pytest.importorskip("skimage", reason="U-FISH's pipeline needs scikit-image (the bench extra)")
     img = np.full((32, 32), 100, np.uint16)
     img[5, 5] = 60000  # an outlier: the range is then 0..the 99.99th percentile
     scaled = RE.ufish_scale(img)
