@@ -300,6 +300,7 @@ def cmd_evaluate(args) -> int:
 
 
 REALISTIC_REPORT = "realistic.md"
+NO_SPOTS_CSV = "evaluation_no_spots.csv"  # the summaries of the images without spots (false detections)
 
 
 def _evaluate_realistic(args) -> int:
@@ -308,7 +309,7 @@ def _evaluate_realistic(args) -> int:
     import dataclasses
     from . import evaluate, realistic_eval
     from .model import Model
-    out = _report_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT,))
+    out = _report_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT, NO_SPOTS_CSV))
     n_images = args.n_images or realistic_eval.TEST_IMAGES
     sources, why = realistic_eval.real_background_sources(
         args.realdata if args.realdata is not None else realistic_eval.default_realdata(), "test")
@@ -348,6 +349,7 @@ def _evaluate_realistic(args) -> int:
             evaluate.f1_table(spots), "", "## Images without spots", "", *realistic_eval.false_detections_table(empty),
             "", f"Every metric: [evaluation.md](evaluation.md). Wall time {spots.wall_seconds + empty.wall_seconds:.0f} s.", ""]
     from .io import write_bytes
+    evaluate.write_summary_csv(empty, out / NO_SPOTS_CSV)
     write_bytes(out / REALISTIC_REPORT, "\n".join(text).encode())
     print("\n".join(realistic_eval.snr_table(spots)))
     print("\n".join(realistic_eval.false_detections_table(empty)))

@@ -55,11 +55,11 @@ PAPER_TEST_IMAGES = 40
 BIGFISH_SPOT_RADIUS_PX = 1.5
 BIGFISH_VOXEL_SIZE_NM = 100.0
 
-METRICS = ("f1", "precision", "recall", "ambiguous", "f1_one_to_one", "f1_integral", "spot_intensity", "seconds")
+METRICS = ("f1", "precision", "recall", "ambiguous", "f1_one_to_one", "f1_integral", "spot_intensity", "fp", "seconds")
 METRIC_TITLES = {
     "f1": "F1 (%)", "precision": "precision (%)", "recall": "recall (%)", "ambiguous": "AM/img",
     "f1_one_to_one": "one-to-one F1 (%)", "f1_integral": "F1 integral 0-3 px (%)",
-    "spot_intensity": "spot intensity (0-255)", "seconds": "s/img",
+    "spot_intensity": "spot intensity (0-255)", "fp": "false detections/img", "seconds": "s/img",
 }
 _PERCENT = {"f1", "precision", "recall", "f1_one_to_one", "f1_integral"}
 
@@ -537,6 +537,11 @@ def summary_rows(results: Results) -> list[dict]:
     return rows
 
 
+def write_summary_csv(results: Results, path: Path) -> None:
+    """The summaries (SUMMARY_COLUMNS: every metric's mean and 95 % CI per method and scope)."""
+    _write_csv(path, SUMMARY_COLUMNS, summary_rows(results))
+
+
 def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
     with atomic_write(path, "w") as handle:
         writer = csv.writer(handle)
@@ -630,7 +635,7 @@ def write_report(results: Results, out_dir: str | Path, title: str = "DeepSpot e
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = dict(zip(("markdown", "summary_csv", "per_image_csv", "heat_map"), (out / f for f in REPORT_FILES)))
-    _write_csv(paths["summary_csv"], SUMMARY_COLUMNS, summary_rows(results))
+    write_summary_csv(results, paths["summary_csv"])
     _write_csv(paths["per_image_csv"], PER_IMAGE_COLUMNS, results.rows)
     write_heat_map(results, paths["heat_map"])
     text = markdown_report(results, title, preamble)

@@ -84,5 +84,7 @@ def test_cli_realistic_report(tmp_path, capsys):
     text = (out / "realistic.md").read_text()
     assert "| SNR 2 |" in text and "noise_only" in text and "real backgrounds missing" in text
     assert "U-FISH row skipped" in text and (out / "evaluation.md").is_file()
+    no_spots = (out / "evaluation_no_spots.csv").read_text().splitlines()
+    assert "fp_mean" in no_spots[0] and any(",noise_only," in line for line in no_spots)
     assert text.count("DeepSpot deepspot_hybrid") == text.count("DeepSpot other") == 4  # 4 tables, hybrid once
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
