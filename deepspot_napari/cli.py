@@ -279,7 +279,10 @@ def cmd_evaluate(args) -> int:
     out = _report_folder(args, evaluate.REPORT_FILES)
     model = _load_model(args)
     params = dataclasses.replace(model.detection, **_detection_overrides(args))
+    from .model import bundled_weights_path
+    default = model.path.resolve() == bundled_weights_path().resolve()
     methods, notes = evaluate.default_methods(params, raw=not args.no_raw, bigfish=not args.no_bigfish,
+                                              weights_name=None if default else model.path.name,
                                               bigfish_spot_radius_px=evaluate.BIGFISH_SPOT_RADIUS_PX
                                               if args.bigfish_spot_radius is None else args.bigfish_spot_radius)
     for note in notes:

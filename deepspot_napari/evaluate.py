@@ -294,9 +294,12 @@ def bigfish_method(spot_radius_px: float = BIGFISH_SPOT_RADIUS_PX) -> Method:
 
 
 def default_methods(params: DetectionParams = DEFAULT_DETECTION, raw: bool = True, bigfish: bool = True,
-                    bigfish_spot_radius_px: float = BIGFISH_SPOT_RADIUS_PX) -> tuple[list[Method], list[str]]:
-    """The report's rows and notes about rows that were left out."""
-    methods, notes = [deepspot_method(params)], []
+                    bigfish_spot_radius_px: float = BIGFISH_SPOT_RADIUS_PX,
+                    weights_name: str | None = None) -> tuple[list[Method], list[str]]:
+    """The report's rows and notes about rows that were left out; weights_name names the DeepSpot row
+    (None: the bundled weights)."""
+    name = None if weights_name is None else f"DeepSpot ({weights_name}) + fixed detector"
+    methods, notes = [deepspot_method(params, name)], []
     if raw:
         methods.append(raw_detector_method(params))
     if bigfish:

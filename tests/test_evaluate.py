@@ -122,6 +122,14 @@ def test_cli_end_to_end(sim_folder, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--threshold", "0.5"]) == 0
     assert "threshold=0.5" in (out / "evaluation.md").read_text()
+    # other weights: the row says which, and their own detection defaults apply
+    from deepspot_napari.model import Model
+    from deepspot_napari.train import _save_weights
+    own = tmp_path / "own.safetensors"
+    _save_weights(Model.load("hybrid").make_trainer(), own, False, {"detection": '{"threshold": 0.6}'})
+    assert main(args + ["--overwrite", "--weights", str(own)]) == 0
+    text = (out / "evaluation.md").read_text()
+    assert "DeepSpot (own.safetensors) + fixed detector" in text and "threshold=0.6" in text
 
 
 def test_cli_without_data_is_an_error(tmp_path, capsys):
