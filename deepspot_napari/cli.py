@@ -233,12 +233,15 @@ def draw_overlay(image: np.ndarray, truth: np.ndarray, found: np.ndarray, path: 
     write_bytes(path, buffer.getvalue())
 
 
+DEMO_FILES = ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png")
+
+
 def cmd_demo(args) -> int:
     from . import metrics
     from .data import sample_image_path, sample_spots_path
     from .io import read_image, write_spots_table, write_tiff
     from .simulate import read_spots_csv
-    out = Path(args.output)
+    out = _output_folder(args, DEMO_FILES)
     out.mkdir(parents=True, exist_ok=True)
     image, truth = read_image(sample_image_path()), read_spots_csv(sample_spots_path())
     model = _load_model(args)
@@ -250,13 +253,14 @@ def cmd_demo(args) -> int:
     seconds = time.perf_counter() - start
     paper = metrics.match_nearest(truth, spots.coords)
     hungarian = metrics.match_hungarian(truth, spots.coords)
-    write_tiff(out / "sample.enhanced.tif", enhanced)
-    write_spots_table(out / "sample.spots.csv", spots.as_table())
-    draw_overlay(image, truth, spots.coords, out / "sample.overlay.png")
+    enhanced_path, spots_path, overlay_path = (out / name for name in DEMO_FILES)
+    write_tiff(enhanced_path, enhanced)
+    write_spots_table(spots_path, spots.as_table())
+    draw_overlay(image, truth, spots.coords, overlay_path)
     print(f"found {len(spots)} spots in {seconds:.2f} s")
     print(f"F1 {paper.f1:.3f} (precision {paper.precision:.3f}, recall {paper.recall:.3f}; nearest detection within "
           f"3 px, {paper.ambiguous} ambiguous) | one-to-one F1 {hungarian.f1:.3f}")
-    print(f"wrote {out / 'sample.enhanced.tif'}, {out / 'sample.spots.csv'}, {out / 'sample.overlay.png'}")
+    print(f"wrote {enhanced_path}, {spots_path}, {overlay_path}")
     return 0
 
 
@@ -276,7 +280,7 @@ def cmd_evaluate(args) -> int:
         datasets += evaluate.simulated_datasets(seed=args.seed, n_images=args.n_images, size=args.size, names=args.sets)
     if not datasets:
         raise ValueError("nothing to evaluate: give data set folders and/or --simulated")
-    out = _report_folder(args, evaluate.REPORT_FILES)
+    out = _output_folder(args, evaluate.REPORT_FILES)
     model = _load_model(args)
     params = dataclasses.replace(model.detection, **_detection_overrides(args))
     methods, notes = evaluate.default_methods(params, raw=not args.no_raw, bigfish=not args.no_bigfish,
@@ -308,7 +312,7 @@ def _evaluate_realistic(args) -> int:
     import dataclasses
     from . import evaluate, realistic_eval
     from .model import Model
-    out = _report_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT,))
+    out = _output_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT,))
     n_images = args.n_images or realistic_eval.TEST_IMAGES
     sources, why = realistic_eval.real_background_sources(
         args.realdata if args.realdata is not None else realistic_eval.default_realdata(), "test")
@@ -355,12 +359,12 @@ def _evaluate_realistic(args) -> int:
     return 0
 
 
-def _report_folder(args, report_files) -> Path:
-    """--output, refused when it holds one of the report's files and --overwrite is not given."""
+def _output_folder(args, report_files) -> Path:
+    """--output, refused when it holds one of the files the command writes and --overwrite is not given."""
     out = Path(args.output)
     existing = [out / name for name in report_files if (out / name).exists()]
     if existing and not args.overwrite:
-        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace the report")
+        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another folder (-o)")
     return out
 
 
@@ -375,7 +379,7 @@ def _evaluate_finetune(args, datasets) -> int:
                                sample.truth) for dataset in datasets for sample in dataset]
     if not samples:
         raise ValueError("--finetune needs annotated images: give data set folders ([NAME=]FOLDER[,CSV_FOLDER])")
-    out = _report_folder(args, protocol.REPORT_FILES)
+    out = _output_folder(args, protocol.REPORT_FILES)
     out.mkdir(parents=True, exist_ok=True)
     weights = Path(args.weights) if args.weights else None
     device = _load_model(args).device
@@ -515,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "overlay PNG (green circles: ground truth, red crosses: detections).")
     common(p)
     p.add_argument("-o", "--output", default="deepspot-demo", help="output folder (default: ./deepspot-demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in the output folder")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("enhance", help="enhance images (writes <name>.enhanced.tif, or .zarr for Zarr/large inputs)")

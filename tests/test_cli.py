@@ -43,6 +43,17 @@ def test_demo_reports_f1_and_writes_outputs(tmp_path, capsys):
         assert (tmp_path / "demo" / name).stat().st_size > 0
 
 
+def test_demo_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "sample.spots.csv").write_text("mine")
+    assert main(["demo", "-o", str(out), "-q"]) == 2
+    assert "sample.spots.csv exists: pass --overwrite" in capsys.readouterr().err
+    assert (out / "sample.spots.csv").read_text() == "mine" and not (out / "sample.enhanced.tif").exists()
+    assert main(["demo", "-o", str(out), "-q", "--overwrite"]) == 0
+    assert (out / "sample.spots.csv").read_text().startswith("y,x")
+
+
 def test_run_enhances_and_detects_every_input(images, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(images), "-o", str(out), "--save-enhanced", "-q"]) == 0
