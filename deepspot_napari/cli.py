@@ -24,7 +24,75 @@ EXAMPLES = """examples:
   deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100
   deepspot train sim/ -o run1/ --epochs 10              fine-tune on images + CSVs; resumable with --resume
   deepspot evaluate sim/ --simulated -o report/   accuracy vs ground truth and baselines (Markdown, CSV, PNG)
+  deepspot --version                             the version, the default weights, the devices that work here
 """
+
+# Each subcommand's --help ends with these.
+COMMAND_EXAMPLES = {
+    "demo": ["deepspot demo                          the bundled sample, written to ./deepspot-demo/",
+             "deepspot demo -o demo2/ --weights general   another bundled model, another folder",
+             "deepspot demo --overwrite --device cpu   replace an earlier demo's files, on the CPU"],
+    "enhance": ["deepspot enhance 'raw/*.tif' -o enhanced/     <name>.enhanced.tif for each input",
+                "deepspot enhance raw/ -o enhanced/ --resume     skip the inputs already done",
+                "deepspot enhance mosaic.zarr -o out/ --block-size 4096   a large image in 4096 px blocks"],
+    "run": ["deepspot run images/ -o results/                 <name>.spots.csv for each input",
+            "deepspot run images/ -o results/ --threshold 0.6 --save-enhanced   more spots, keep the enhanced images",
+            "deepspot run images/ -o results/ --scheduler local:4   four worker processes here"],
+    "detect": ["deepspot detect enhanced/ -o spots/               spots of images enhanced earlier",
+               "deepspot detect enhanced/ -o spots/ --method wavelet --subpixel gaussian"],
+    "simulate": ["deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100",
+                 "deepspot simulate real/ -n 100 --recipe realistic --background cells.tif"],
+    "evaluate": ["deepspot evaluate --simulated -o report/          the paper's test sets",
+                 "deepspot evaluate mine=annotated/ -o report/ --no-bigfish   your annotated images",
+                 "deepspot evaluate --finetune \"mine=img.tif,spots.csv\" -o ft/   fine-tune on one half, score the other"],
+    "train": ["deepspot train sim/ -o run1/                      fine-tune on images + CSVs",
+              "deepspot train sim/ -o run1/ --resume             continue an interrupted run (the same command)",
+              "deepspot train mine=annotated/ -o run2/ --epochs 30 --learning-rate 5e-5"],
+}
+MODEL_DETECTION_DEFAULT = "default: the model's own, see docs/detection_defaults.md"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions but keeps the line breaks of the examples (text with line breaks); adds
+    "(default: X)" to a flag's help unless it names its default."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, argparse.SUPPRESS) \
+                or action.default is False:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def version_text() -> str:
+    """The package version, the weights used without --weights, and where the network can run here."""
+    from . import __version__
+    from .devices import available_devices, probe
+    from .model import DEFAULT_MODEL, weights_path
+    lines = [f"deepspot {__version__} ({Path(__file__).parent})",
+             f"default weights: {weights_path(None)} ({DEFAULT_MODEL})"]
+    lines += [f"device {name}: {description}" for name, description in available_devices()]
+    works, reason = probe("cuda")
+    if not works:
+        lines.append(f"device cuda: not available ({reason})")
+    return "\n".join(lines)
+
+
+class VersionAction(argparse.Action):
+    """--version: worked out only when asked for (probing the GPU takes a moment)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version, the default weights file and the devices that work here, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 class Progress:
@@ -462,26 +530,32 @@ def _target_background(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICES, PRECISIONS
-    from .model import DEFAULT_TILE_SIZE
+    from .detect import DEFAULT_DETECTION
+    from .model import DEFAULT_MODEL, DEFAULT_TILE_SIZE
     from .train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE, DEFAULT_PATIENCE
     parser = argparse.ArgumentParser(
-        prog="deepspot", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog="deepspot", formatter_class=HelpFormatter, epilog=EXAMPLES,
         description="DeepSpot: enhance every RNA spot of smFISH images to the same intensity with a CNN, then find "
                     "them all with one fixed detector setting.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=VersionAction)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, **kwargs):
+        epilog = "examples:\n" + "\n".join(f"  {line}" for line in COMMAND_EXAMPLES[name])
+        return subparsers.add_parser(name, formatter_class=HelpFormatter, epilog=epilog, **kwargs)
 
     def common(p, model=True):
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if model:
             p.add_argument("--weights", help="a .safetensors model, or a bundled model's name: hybrid (the published "
-                                             "weights), general (default: the default bundled model)")
+                                             f"weights), general (default: {DEFAULT_MODEL})")
             p.add_argument("--device", default="auto", choices=DEVICES,
                            help="where the network runs (default: auto = the GPU when one works here, else the CPU)")
             p.add_argument("--precision", default="float32", choices=PRECISIONS,
                            help="the convolutions' arithmetic: float32 (default), or tf32 (TF32 tensor cores, "
                                 "10-bit mantissa; GPU only)")
             p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
-                           help="window side in pixels for large images; results equal a whole-image pass")
+                           help="window side in pixels for large planes; results equal a whole-image pass")
 
     def batch(p, enhanced_output=True):
         from .large import DEFAULT_BLOCK_SIZE, HALO_PX, LARGE_IMAGE_PIXELS
@@ -506,14 +580,24 @@ def build_parser() -> argparse.ArgumentParser:
                                help="enhanced images as TIFF or OME-Zarr (default auto: Zarr for Zarr inputs and "
                                     "large images, TIFF otherwise)")
 
-    def detection(p):
-        group = p.add_argument_group("detection (defaults: the fixed parameters chosen on simulated validation data)")
-        group.add_argument("--method", choices=("peak", "wavelet"))
-        group.add_argument("--threshold", type=float, help="peak detector: minimum enhanced value (0..1)")
-        group.add_argument("--min-distance", type=float, help="peak detector: minimum distance between spots (px)")
-        group.add_argument("--subpixel", choices=("none", "centroid", "gaussian"), help="subpixel refinement")
+    def detection(p, model_decides=True):
+        """The detector's flags; their defaults are the model's own (Model.detection) where a model enhances,
+        else DEFAULT_DETECTION."""
+        def default(name):
+            return MODEL_DETECTION_DEFAULT if model_decides else f"default: {getattr(DEFAULT_DETECTION, name)}"
 
-    p = sub.add_parser("demo", help="enhance and detect the bundled sample image; print F1 against its ground truth",
+        group = p.add_argument_group("detection (one fixed setting, chosen on validation data)")
+        group.add_argument("--method", choices=("peak", "wavelet"),
+                           help=f"peak: local maxima of the enhanced image; wavelet: the wavelet detector "
+                                f"({default('method')})")
+        group.add_argument("--threshold", type=float,
+                           help=f"peak detector: minimum enhanced value, 0..1 ({default('threshold')})")
+        group.add_argument("--min-distance", type=float,
+                           help=f"peak detector: minimum distance between spots in px ({default('min_distance')})")
+        group.add_argument("--subpixel", choices=("none", "centroid", "gaussian"),
+                           help=f"subpixel refinement of the positions ({default('subpixel')})")
+
+    p = command("demo", help="enhance and detect the bundled sample image; print F1 against its ground truth",
                        description="Runs the whole pipeline on the bundled simulated sample with the bundled weights: "
                                    "prints the spot count and F1, writes the enhanced image, the spots CSV and an "
                                    "overlay PNG (green circles: ground truth, red crosses: detections).")
@@ -522,12 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in the output folder")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("enhance", help="enhance images (writes <name>.enhanced.tif, or .zarr for Zarr/large inputs)")
+    p = command("enhance", help="enhance images (writes <name>.enhanced.tif, or .zarr for Zarr/large inputs)")
     common(p)
     batch(p)
     p.set_defaults(func=cmd_enhance)
 
-    p = sub.add_parser("run", help="enhance and detect (writes <name>.spots.csv, optionally the enhanced image)")
+    p = command("run", help="enhance and detect (writes <name>.spots.csv, optionally the enhanced image)")
     common(p)
     batch(p)
     detection(p)
@@ -535,13 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <name>.enhanced.tif (or .zarr, see --output-format)")
     p.set_defaults(func=lambda a: cmd_detect(a, enhance_first=True))
 
-    p = sub.add_parser("detect", help="detect spots in images that are already enhanced (writes <name>.spots.csv)")
+    p = command("detect", help="detect spots in images that are already enhanced (writes <name>.spots.csv)")
     common(p, model=False)
     batch(p, enhanced_output=False)
-    detection(p)
+    detection(p, model_decides=False)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("simulate", help="simulate smFISH images with targets and ground-truth CSVs")
+    p = command("simulate", help="simulate smFISH images with targets and ground-truth CSVs")
     common(p, model=False)
     p.add_argument("output", help="output folder")
     p.add_argument("-n", type=int, default=10, help="number of images (default 10)")
@@ -563,10 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="background kinds to draw from (default: all; real needs --background)")
     group.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
                        help="spot SNR range, log-uniform (default 2 30; LOW = HIGH fixes it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("evaluate", help="F1, precision, recall, ... against ground truth, vs baselines",
+    p = command("evaluate", help="F1, precision, recall, ... against ground truth, vs baselines",
                        description="Scores DeepSpot + the fixed detector, the same detector on the raw images and "
                                    "Big-FISH (if installed) on annotated images, per image then per data set (mean "
                                    "with 95% CI), the paper's way; writes evaluation.md, evaluation.csv, "
@@ -611,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     detection(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("train", help="train or fine-tune the network on annotated images and/or simulated ones",
+    p = command("train", help="train or fine-tune the network on annotated images and/or simulated ones",
                        description="Fine-tunes the current model (default: the bundled weights) on images paired "
                                    "with ground-truth CSVs (y,x), in the C core. Each epoch writes a checkpoint "
                                    "(weights + optimizer state) to the output folder; an interrupted run continues "
@@ -653,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=DEFAULT_PATCH_SIZE,
                    help=f"side of the random training crops, a multiple of 8 (default {DEFAULT_PATCH_SIZE})")
     p.add_argument("--from-scratch", action="store_true", help="start from a random initialisation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the crops, augmentation, validation split and dropout")
     p.set_defaults(func=cmd_train)
     return parser
 

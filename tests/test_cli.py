@@ -138,12 +138,60 @@ def test_every_model_command_takes_device_and_precision(command, capsys):
     assert "--device {auto,cpu,cuda}" in usage and "--precision {float32,tf32}" in usage
 
 
-def test_help_runs_as_a_program(tmp_path):
-    """As a separate program, importing the same deepspot_napari as this test (installed or in-tree)."""
+def run_program(tmp_path, *args):
+    """The command line as a separate program, importing the same deepspot_napari as this test (installed or in-tree)."""
     env = {**os.environ, "PYTHONPATH": str(Path(deepspot_napari.__file__).parent.parent)}
-    result = subprocess.run([sys.executable, "-m", "deepspot_napari.cli", "--help"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env)
+    return subprocess.run([sys.executable, "-m", "deepspot_napari.cli", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+
+
+def test_help_runs_as_a_program(tmp_path):
+    result = run_program(tmp_path, "--help")
     assert result.returncode == 0 and "deepspot demo" in result.stdout
+
+
+def test_version_names_the_package_weights_and_devices(tmp_path):
+    from deepspot_napari.devices import available_devices
+    from deepspot_napari.model import weights_path
+    result = run_program(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"deepspot {deepspot_napari.__version__} ")
+    assert f"default weights: {weights_path(None)}" in result.stdout
+    for name, description in available_devices():
+        assert f"device {name}: {description}" in result.stdout
+
+
+def help_text(capsys, *command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+@pytest.mark.parametrize("command", ["demo", "enhance", "run", "detect", "simulate", "evaluate", "train"])
+def test_every_subcommand_help_ends_with_examples_and_every_flag_is_explained(command, capsys):
+    from deepspot_napari.cli import build_parser
+    text = help_text(capsys, command)
+    examples = text.split(" examples: ")[-1]
+    assert examples.count(f"deepspot {command} ") >= 2, text
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+
+
+def test_help_shows_the_defaults(capsys):
+    from deepspot_napari.detect import DEFAULT_DETECTION
+    from deepspot_napari.train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE
+    train = help_text(capsys, "train")
+    for flag, default in (("--epochs", DEFAULT_EPOCHS), ("--batch-size", 8), ("--learning-rate", "1e-4"),
+                          ("--patch-size", DEFAULT_PATCH_SIZE), ("--seed", 0)):
+        assert f"default {default}" in train.split(flag)[2] or f"default: {default}" in train.split(flag)[2], flag
+    model_default = "(default: the model's own, see docs/detection_defaults.md)"
+    run = help_text(capsys, "run")
+    assert all(model_default in run.split(flag)[2] for flag in ("--method", "--threshold", "--min-distance", "--subpixel"))
+    assert "--tile-size TILE_SIZE window side" in run and "(default: 768)" in run.split("--tile-size")[2]
+    detect = help_text(capsys, "detect")
+    assert f"(default: {DEFAULT_DETECTION.threshold})" in detect.split("--threshold")[2]
+    assert f"(default: {DEFAULT_DETECTION.method})" in detect.split("--method")[2]
 
 
 def test_evaluate_finetune_reports_before_and_after_on_the_other_half(tmp_path, capsys):
