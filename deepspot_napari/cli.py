@@ -5,6 +5,7 @@ and exit non-zero at the end if anything failed."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 import warnings
@@ -96,10 +97,13 @@ class VersionAction(argparse.Action):
 
 
 class Progress:
-    """A one-line progress bar on stderr (a plain line per update when stderr is not a terminal)."""
+    """A one-line progress bar on stderr (a plain line per update when stderr is not a terminal);
+    `unit` names what it counts."""
 
-    def __init__(self, label: str, quiet: bool = False):
-        self.label, self.quiet, self.start = label, quiet, time.perf_counter()
+    line_open = False  # a bar's line on the terminal still waits for its newline
+
+    def __init__(self, label: str, quiet: bool = False, unit: str = ""):
+        self.label, self.quiet, self.unit, self.start = label, quiet, unit, time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
@@ -108,8 +112,17 @@ class Progress:
         width = 30
         filled = int(width * done / max(total, 1))
         elapsed = time.perf_counter() - self.start
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:5.1f}s"
+        count = f"{done}/{total}" + (f" {self.unit}" if self.unit else "")
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {count} {elapsed:5.1f}s"
         print(("\r" if self.tty else "") + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        Progress.line_open = self.tty and done != total
+
+    @staticmethod
+    def end_line() -> None:
+        """Ends an unfinished bar's line, so that the next message starts a line of its own."""
+        if Progress.line_open:
+            print(file=sys.stderr, flush=True)
+            Progress.line_open = False
 
 
 @dataclass
@@ -472,7 +485,8 @@ def _evaluate_finetune(args, datasets) -> int:
 def cmd_train(args) -> int:
     from . import evaluate
     from .simulate import simulate_image
-    from .train import save_training_curves
+    from .train import ResumeMismatch, save_training_curves
+
     def read(specs):
         images, points = [], []
         for spec in specs:
@@ -497,23 +511,41 @@ def cmd_train(args) -> int:
     model = _load_model(args)
     print(f"training {'from scratch' if args.from_scratch else 'from ' + model.path.name} on {len(images)} images"
           f"{f' + {args.simulate} simulated per epoch' if args.simulate else ''}; checkpoints in {out}")
+    bar = Progress("train", args.quiet, unit="steps")
+
+    def progress(done, total):
+        bar.label = f"train epoch {-(-done * args.epochs // total)}/{args.epochs}"  # total: steps of all epochs
+        bar(done, total)
+
+    def print_epoch(record):
+        Progress.end_line()
+        print(f"{record['epoch']:>5}  {record['loss']:9.5f}  {record['val_loss']:9.5f}  {record['val_f1']:7.3f}  "
+              f"{record['seconds']:7.1f}", flush=True)
+
+    print(f"{'epoch':>5}  {'loss':>9}  {'val loss':>9}  {'val F1':>7}  {'seconds':>7}", flush=True)
     with warnings.catch_warnings():
         # incomplete-annotation warnings as the CLI's other messages, as soon as they are found
         warnings.showwarning = lambda message, *_, **__: print(f"deepspot train: warning: {message}", file=sys.stderr)
-        history = model.fit(images, points, epochs=args.epochs, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, validation_split=args.validation_split, seed=args.seed,
-                            max_term=args.max_term, checkpoint_dir=out, resume=args.resume, patience=args.patience,
-                            monitor=args.monitor, augment=not args.no_augment, batch_norm=args.batch_norm,
-                            simulate=args.simulate, validation=validation,
-                            target_background=args.target_background,
-                            patch_size=args.patch_size, from_scratch=args.from_scratch, bn_bessel=args.bn_bessel,
-                            progress=Progress("train", args.quiet))
+        try:
+            history = model.fit(images, points, epochs=args.epochs, batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, validation_split=args.validation_split,
+                                seed=args.seed, max_term=args.max_term, checkpoint_dir=out, resume=args.resume,
+                                patience=args.patience, monitor=args.monitor, augment=not args.no_augment,
+                                batch_norm=args.batch_norm, simulate=args.simulate, validation=validation,
+                                target_background=args.target_background, patch_size=args.patch_size,
+                                from_scratch=args.from_scratch, bn_bessel=args.bn_bessel, progress=progress,
+                                on_epoch=print_epoch)
+        except ResumeMismatch as exc:
+            raise ValueError(f"cannot --resume the run in {out}: it was made with other settings or data "
+                             f"({exc.differences}); give the same ones as then, or write to another folder "
+                             "(-o)") from None
+        except KeyboardInterrupt:
+            Progress.end_line()
+            command = args.argv + ([] if "--resume" in args.argv else ["--resume"])
+            print(f"deepspot train: interrupted; {out} keeps the last complete epoch. Continue with:\n"
+                  f"  deepspot {shlex.join(command)}", file=sys.stderr)
+            return 130
     save_training_curves(history, out / "curves.png")
-    print(f"\n{'epoch':>5}  {'loss':>9}  {'val loss':>9}  {'val F1':>7}")
-    for i, epoch in enumerate(history.epoch):
-        val_loss = history.val_loss[i] if i < len(history.val_loss) else float("nan")
-        val_f1 = history.val_f1[i] if i < len(history.val_f1) else float("nan")
-        print(f"{epoch:>5}  {history.loss[i]:9.5f}  {val_loss:9.5f}  {val_f1:7.3f}")
     print(f"\nbest epoch {history.best_epoch}{' (stopped early)' if history.stopped_early else ''}; "
           f"weights: {out / 'best.safetensors'} (deepspot run ... --weights {out / 'best.safetensors'})")
     return 0
@@ -745,12 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to repeat the command (train's resume hint)
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"deepspot {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        Progress.end_line()
         print(f"deepspot {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -227,17 +227,39 @@ def test_simulate_spots_on_a_real_background(tmp_path):
     assert main(["simulate", str(tmp_path / "z"), "--recipe", "realistic", "--kinds", "real"]) == 2  # no sources
 
 
-def test_train_fine_tunes_resumes_and_the_weights_run(tmp_path, capsys):
+def test_train_prints_each_epoch_resumes_after_an_interruption_and_the_weights_run(tmp_path, capsys, monkeypatch):
+    from deepspot_napari import cli
     sim = tmp_path / "sim"
     assert main(["simulate", str(sim), "-n", "5", "--recipe", "hybrid", "--size", "64", "--spots", "10", "20"]) == 0
     run = tmp_path / "run"
-    common = [str(sim), "-o", str(run), "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.34", "-q"]
-    assert main(["train", *common, "--epochs", "1"]) == 0
-    assert main(["train", *common, "--epochs", "2"]) == 2  # the run exists: no silent restart
+    common = ["train", str(sim), "-o", str(run), "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.34"]
+    labels = []
+
+    def ctrl_c_in_epoch_2(bar, done, total):  # the user presses Ctrl-C during the second epoch
+        labels.append(f"{bar.label} {done}/{total} {bar.unit}")
+        if bar.label.startswith("train epoch 2/"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Progress, "__call__", ctrl_c_in_epoch_2)
+    assert main([*common, "--epochs", "3"]) == 130
+    captured = capsys.readouterr()
+    epoch_lines = [line.split() for line in captured.out.splitlines() if line.startswith("    ")]
+    assert [row[0] for row in epoch_lines] == ["1"] and len(epoch_lines[0]) == 5  # epoch, loss, val loss, F1, s
+    assert labels[0].startswith("train epoch 1/3 1/") and labels[0].endswith(" steps")
+    resume = captured.err.split("Continue with:\n")[1].strip()
+    assert resume == "deepspot " + " ".join([*common, "--epochs", "3", "--resume"])
+    monkeypatch.undo()
+
+    assert main([*common, "--epochs", "3"]) == 2  # the run exists: no silent restart
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    assert main([*common, "--epochs", "3", "--resume", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot --resume the run in" in err and "batch_size: 2 there, 4 now" in err and "(-o)" in err
+    assert "checkpoint_dir" not in err and "resume=False" not in err
+    assert main(resume.split()[1:] + ["-q"]) == 0
     out = capsys.readouterr().out
-    assert "    2  " in out and (run / "best.safetensors").exists() and (run / "curves.png").exists()
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("    ")][:1] == ["2"]  # not again from 1
+    assert (run / "best.safetensors").exists() and (run / "curves.png").exists()
     assert main(["run", str(sim / "images"), "-o", str(tmp_path / "spots"), "--weights", str(run / "best.safetensors"),
                  "-q"]) == 0
     assert main(["train", "-o", str(tmp_path / "empty"), "--epochs", "1"]) == 2
