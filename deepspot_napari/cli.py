@@ -162,7 +162,8 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
                parallel: Callable[[list[tuple[Path, dict[str, Path]]]], Iterator[tuple[int, str, str]]] | None = None
                ) -> int:
     """Checks every input's outputs (--resume, --overwrite), then runs `work` on each input here,
-    or hands them all to `parallel` (a cluster), which yields (index, status, detail) as they finish."""
+    or hands them all to `parallel` (a cluster), which yields (index, status, detail) as they finish.
+    Failures are reported once, in the table printed at the end."""
     from .io import find_images
     files = find_images(args.inputs)
     out_dir = Path(args.output)
@@ -190,14 +191,11 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
             report.rows.append((path.name, "done", detail))
         except (ValueError, TypeError, OSError, MemoryError) as exc:
             report.rows.append((path.name, "FAILED", str(exc)))
-            print(f"deepspot: {path}: {exc}", file=sys.stderr)
     if pending:
         for index, status, detail in parallel([(path, targets) for _, path, targets in pending]):
             row, path, _ = pending[index]
             report.rows[row] = (path.name, status, detail)
-            if status == "FAILED":
-                print(f"deepspot: {path}: {detail}", file=sys.stderr)
-    report.print()
+    report.print()  # every failure once, here at the end, where a long batch's reader looks
     return 1 if report.failed else 0
 
 
