@@ -339,6 +339,9 @@ def cmd_demo(args) -> int:
     print(f"found {len(spots)} spots in {seconds:.2f} s")
     print(f"F1 {paper.f1:.3f} (precision {paper.precision:.3f}, recall {paper.recall:.3f}; nearest detection within "
           f"3 px, {paper.ambiguous} ambiguous) | one-to-one F1 {hungarian.f1:.3f}")
+    print(f"  ambiguous: an annotation whose nearest detection is already another annotation's (two spots found "
+          f"as one); counted against recall, the paper's way\n  one-to-one F1: each detection matches at most one "
+          f"annotation (Hungarian matching, within 3 px)")
     print(f"wrote {enhanced_path}, {spots_path}, {overlay_path}")
     return 0
 

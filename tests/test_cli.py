@@ -39,6 +39,8 @@ def test_demo_reports_f1_and_writes_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     f1 = float(out.split("F1 ")[1].split()[0])
     assert f1 >= 0.9, out
+    assert "ambiguous: an annotation whose nearest detection is already another annotation's" in out
+    assert "one-to-one F1: each detection matches at most one annotation (Hungarian matching" in out
     for name in ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
 
