@@ -37,10 +37,11 @@ COMMAND_EXAMPLES = {
                 "deepspot enhance raw/ -o enhanced/ --resume     skip the inputs already done",
                 "deepspot enhance mosaic.zarr -o out/ --block-size 4096   a large image in 4096 px blocks"],
     "run": ["deepspot run images/ -o results/                 <name>.spots.csv for each input",
+            "deepspot run images/ -o results/ --overlay       also <name>.overlay.png and report.md",
             "deepspot run images/ -o results/ --threshold 0.6 --save-enhanced   more spots, keep the enhanced images",
             "deepspot run images/ -o results/ --scheduler local:4   four worker processes here"],
     "detect": ["deepspot detect enhanced/ -o spots/               spots of images enhanced earlier",
-               "deepspot detect enhanced/ -o spots/ --method wavelet --subpixel gaussian"],
+               "deepspot detect enhanced/ -o spots/ --method wavelet --subpixel gaussian --overlay"],
     "simulate": ["deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100",
                  "deepspot simulate real/ -n 100 --recipe realistic --background cells.tif"],
     "evaluate": ["deepspot evaluate --simulated -o report/          the paper's test sets",
@@ -126,23 +127,50 @@ class Progress:
 
 
 @dataclass
+class BatchRow:
+    name: str
+    status: str  # done, skipped or FAILED
+    detail: str
+    targets: dict[str, Path] = field(default_factory=dict)
+    seconds: float | None = None  # None where it was not timed here (skipped, failed, on a cluster)
+
+
+@dataclass
 class BatchReport:
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    rows: list[BatchRow] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for row in self.rows if row.status == status)
 
     @property
     def failed(self) -> int:
-        return sum(1 for _, status, _ in self.rows if status == "FAILED")
+        return self.count("FAILED")
 
     def print(self) -> None:
         if not self.rows:
             return
-        width = max(len(name) for name, _, _ in self.rows)
+        width = max(len(row.name) for row in self.rows)
         print(f"\n{'file':<{width}}  {'status':<8}  detail")
-        for name, status, detail in self.rows:
-            print(f"{name:<{width}}  {status:<8}  {detail}")
-        done = sum(1 for _, s, _ in self.rows if s == "done")
-        skipped = sum(1 for _, s, _ in self.rows if s == "skipped")
-        print(f"\n{done} done, {skipped} skipped, {self.failed} failed")
+        for row in self.rows:
+            print(f"{row.name:<{width}}  {row.status:<8}  {row.detail}")
+        print(f"\n{self.count('done')} done, {self.count('skipped')} skipped, {self.failed} failed")
+
+    def markdown(self, title: str) -> str:
+        """report.md: every image with its spot count, time and overlay (links relative to the output folder)."""
+        lines = [f"# {title}", "", "| image | status | spots | seconds | overlay |", "|---|---|---:|---:|---|"]
+        for row in self.rows:
+            spots, overlay = row.targets.get("spots"), row.targets.get("overlay")
+            count = _table_rows(spots) if spots is not None and spots.is_file() and row.status != "FAILED" else ""
+            seconds = "" if row.seconds is None else f"{row.seconds:.1f}"
+            link = f"[{overlay.name}]({overlay.name})" if overlay is not None and overlay.is_file() else ""
+            status = row.status if row.status != "FAILED" else f"FAILED: {row.detail}"
+            lines.append(f"| {row.name} | {status} | {count} | {seconds} | {link} |")
+        return "\n".join(lines + [""])
+
+
+def _table_rows(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f) - 1  # the header
 
 
 def _load_model(args):
@@ -158,6 +186,9 @@ def _load_model(args):
     return model
 
 
+BATCH_REPORT = "report.md"  # with --overlay
+
+
 def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[[Path, dict[str, Path], Progress], str],
                parallel: Callable[[list[tuple[Path, dict[str, Path]]]], Iterator[tuple[int, str, str]]] | None = None
                ) -> int:
@@ -171,31 +202,40 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
     stems = [p.stem for p in files]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name; their outputs would collide: process them separately")
+    overlay = getattr(args, "overlay", False)
+    report_path = out_dir / BATCH_REPORT
+    if overlay and report_path.exists() and not (args.overwrite or args.resume):
+        raise ValueError(f"{report_path} exists: pass --overwrite or --resume")
     report = BatchReport()
     pending: list[tuple[int, Path, dict[str, Path]]] = []
     for index, path in enumerate(files, 1):
         targets = outputs(path)
         existing = [t for t in targets.values() if t.exists()]
         if existing and args.resume and len(existing) == len(targets):
-            report.rows.append((path.name, "skipped", "outputs exist (--resume)"))
+            report.rows.append(BatchRow(path.name, "skipped", "outputs exist (--resume)", targets))
             continue
         if existing and not (args.overwrite or args.resume):
-            report.rows.append((path.name, "FAILED", f"{existing[0].name} exists: pass --overwrite or --resume"))
+            report.rows.append(BatchRow(path.name, "FAILED", f"{existing[0].name} exists: pass --overwrite or --resume"))
             continue
         if parallel is not None:
-            report.rows.append((path.name, "FAILED", "not run"))
+            report.rows.append(BatchRow(path.name, "FAILED", "not run", targets))
             pending.append((len(report.rows) - 1, path, targets))
             continue
+        start = time.perf_counter()
         try:
             detail = work(path, targets, Progress(f"[{index}/{len(files)}] {path.name}", args.quiet))
-            report.rows.append((path.name, "done", detail))
+            report.rows.append(BatchRow(path.name, "done", detail, targets, time.perf_counter() - start))
         except (ValueError, TypeError, OSError, MemoryError) as exc:
-            report.rows.append((path.name, "FAILED", str(exc)))
+            report.rows.append(BatchRow(path.name, "FAILED", str(exc), targets))
     if pending:
         for index, status, detail in parallel([(path, targets) for _, path, targets in pending]):
-            row, path, _ = pending[index]
-            report.rows[row] = (path.name, status, detail)
+            row, path, targets = pending[index]
+            report.rows[row] = BatchRow(path.name, status, detail, targets)
     report.print()  # every failure once, here at the end, where a long batch's reader looks
+    if overlay:
+        from .io import write_bytes
+        write_bytes(report_path, report.markdown(f"deepspot {args.command}: {len(files)} image{'s' if len(files) != 1 else ''}").encode())
+        print(f"wrote {report_path}")
     return 1 if report.failed else 0
 
 
@@ -259,10 +299,14 @@ def _detection_overrides(args) -> dict:
 
 
 def cmd_detect(args, enhance_first: bool = False) -> int:
+    from .large import blocked_size
+
     def outputs(path):
         out = {"spots": Path(args.output) / f"{path.stem}.spots.csv"}
         if enhance_first and args.save_enhanced:
             out["enhanced"] = _enhanced_target(args, path)
+        if args.overlay and blocked_size(path, args.block_size) is None:  # images processed in blocks are too large
+            out["overlay"] = Path(args.output) / f"{path.stem}.overlay.png"
         return out
 
     return _process_batch(args, outputs, enhance=enhance_first, detect=True)
@@ -292,26 +336,6 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def draw_overlay(image: np.ndarray, truth: np.ndarray, found: np.ndarray, path: Path) -> None:
-    """RGB PNG: the image (contrast-stretched), ground truth as green circles, detections as red crosses."""
-    from PIL import Image, ImageDraw
-    from .io import write_bytes
-    import io as _io
-    low, high = np.percentile(image, (0.5, 99.8))
-    grey = (np.clip((image - low) / max(high - low, 1e-9), 0, 1) * 255).astype(np.uint8)
-    scale = 2
-    canvas = Image.fromarray(grey).convert("RGB").resize((grey.shape[1] * scale, grey.shape[0] * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    for y, x in truth * scale + scale / 2:
-        draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=(0, 255, 0))
-    for y, x in found * scale + scale / 2:
-        draw.line([x - 4, y, x + 4, y], fill=(255, 40, 40))
-        draw.line([x, y - 4, x, y + 4], fill=(255, 40, 40))
-    buffer = _io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    write_bytes(path, buffer.getvalue())
-
-
 DEMO_FILES = ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png")
 
 
@@ -319,6 +343,7 @@ def cmd_demo(args) -> int:
     from . import metrics
     from .data import sample_image_path, sample_spots_path
     from .io import read_image, write_spots_table, write_tiff
+    from .overlay import draw_overlay
     from .simulate import read_spots_csv
     out = _output_folder(args, DEMO_FILES)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +360,7 @@ def cmd_demo(args) -> int:
     enhanced_path, spots_path, overlay_path = (out / name for name in DEMO_FILES)
     write_tiff(enhanced_path, enhanced)
     write_spots_table(spots_path, spots.as_table())
-    draw_overlay(image, truth, spots.coords, overlay_path)
+    draw_overlay(image, spots.coords, overlay_path, truth=truth)
     print(f"found {len(spots)} spots in {seconds:.2f} s")
     print(f"F1 {paper.f1:.3f} (precision {paper.precision:.3f}, recall {paper.recall:.3f}; nearest detection within "
           f"3 px, {paper.ambiguous} ambiguous) | one-to-one F1 {hungarian.f1:.3f}")
@@ -630,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--subpixel", choices=("none", "centroid", "gaussian"),
                            help=f"subpixel refinement of the positions ({default('subpixel')})")
 
+    def overlay(p):
+        p.add_argument("--overlay", action="store_true",
+                       help="also write <name>.overlay.png (the image, or a stack's maximum projection, with the spots "
+                            f"marked and counted) and {BATCH_REPORT}, which lists every image with its spot count, time "
+                            "and overlay (images processed in blocks get no overlay)")
+
     p = command("demo", help="enhance and detect the bundled sample image; print F1 against its ground truth",
                        description="Runs the whole pipeline on the bundled simulated sample with the bundled weights: "
                                    "prints the spot count and F1, writes the enhanced image, the spots CSV and an "
@@ -648,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     batch(p)
     detection(p)
+    overlay(p)
     p.add_argument("--save-enhanced", action="store_true",
                    help="also write <name>.enhanced.tif (or .zarr, see --output-format)")
     p.set_defaults(func=lambda a: cmd_detect(a, enhance_first=True))
@@ -656,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, model=False)
     batch(p, enhanced_output=False)
     detection(p, model_decides=False)
+    overlay(p)
     p.set_defaults(func=cmd_detect)
 
     p = command("simulate", help="simulate smFISH images with targets and ground-truth CSVs")

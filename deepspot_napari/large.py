@@ -460,7 +460,8 @@ def enhance_detect_blocks(model, source, target=None, block_size: int = DEFAULT_
 @dataclass
 class FileJob:
     """One input and its outputs. targets: "enhanced" (a .tif/.tiff or .zarr path) and/or
-    "spots" (a .csv path). enhance=False: the input is already enhanced (detect only)."""
+    "spots" (a .csv path), and "overlay" (a .png of the spots, overlay.draw_overlay; images
+    processed in memory only). enhance=False: the input is already enhanced (detect only)."""
 
     path: str
     targets: dict[str, str]
@@ -551,6 +552,9 @@ def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
         detail = detail or f"{enhanced.shape} -> {Path(target).name}"
     if job.detect:
         write_spots_table(job.targets["spots"], spots.as_table())
+    if "overlay" in job.targets:
+        from .overlay import draw_overlay
+        draw_overlay(image, spots.coords, job.targets["overlay"])
     return detail
 
 

@@ -43,6 +43,20 @@ def test_demo_reports_f1_and_writes_outputs(tmp_path, capsys):
     assert "one-to-one F1: each detection matches at most one annotation (Hungarian matching" in out
     for name in ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+    found = len(read_rows(tmp_path / "demo" / "sample.spots.csv")) - 1
+    truth = int(out.split("annotated spots")[0].split()[-1])
+    assert overlay_legend(tmp_path / "demo" / "sample.overlay.png") == \
+        f"green circles: {truth} ground-truth spots; red crosses: {found} spots detected"
+
+
+def overlay_legend(path):
+    """The legend's text (also stored in the PNG), after checking that it is drawn below the image."""
+    with Image.open(path) as im:
+        legend, pixels = im.info["legend"], np.asarray(im.convert("RGB"))
+    rows = legend.count(";") + 1
+    band = pixels[-(18 * rows + 4):]
+    assert ((band[..., 0] > 150) & (band[..., 1] < 100)).any()  # the red text of the detections' line
+    return legend
 
 
 def test_demo_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
@@ -65,6 +79,30 @@ def test_run_enhances_and_detects_every_input(images, tmp_path, capsys):
         assert len(rows) > 5
         assert tifffile.imread(out / f"{stem}.enhanced.tif").dtype == np.float32
     assert "3 done, 0 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_overlay_marks_and_counts_the_spots_of_every_image_and_report_lists_them(images, tmp_path, capsys):
+    from deepspot_napari.simulate import simulate_image
+    rng = np.random.default_rng(3)
+    tifffile.imwrite(images / "stack.tif", np.stack([simulate_image(rng, "ds_var", n_spots=15, size=64)[0]
+                                                     for _ in range(3)]))
+    out = tmp_path / "out"
+    assert main(["run", str(images), "-o", str(out), "--overlay", "-q"]) == 0
+    report = (out / "report.md").read_text()
+    for stem, side in (("field0", 128), ("field1", 128), ("field2", 64), ("stack", 64)):  # the stack: its projection
+        count = len(read_rows(out / f"{stem}.spots.csv")) - 1
+        assert count > 5 and overlay_legend(out / f"{stem}.overlay.png") == f"red crosses: {count} spots detected"
+        with Image.open(out / f"{stem}.overlay.png") as im:
+            assert im.size[0] >= 2 * side and im.size[1] > 2 * side
+        row = next(line for line in report.splitlines() if line.startswith(f"| {stem}."))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1:3] == ["done", str(count)] and float(cells[3]) > 0
+        assert cells[4] == f"[{stem}.overlay.png]({stem}.overlay.png)"
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+    assert main(["run", str(images), "-o", str(out), "--overlay", "-q"]) == 2  # no silent overwrite of the report
+    assert "report.md exists: pass --overwrite or --resume" in capsys.readouterr().err
+    assert main(["detect", str(out / "field0.overlay.png"), "-o", str(tmp_path / "d"), "-q"]) == 0
+    assert not (tmp_path / "d" / "field0.overlay.overlay.png").exists()  # only with --overlay
 
 
 def test_enhance_then_detect_equals_run(images, tmp_path):
