@@ -223,10 +223,15 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
             continue
         start = time.perf_counter()
         try:
-            detail = work(path, targets, Progress(f"[{index}/{len(files)}] {path.name}", args.quiet))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # each image's warnings, even where the last image had the same
+                detail = work(path, targets, Progress(f"[{index}/{len(files)}] {path.name}", args.quiet))
             report.rows.append(BatchRow(path.name, "done", detail, targets, time.perf_counter() - start))
         except (ValueError, TypeError, OSError, MemoryError) as exc:
             report.rows.append(BatchRow(path.name, "FAILED", str(exc), targets))
+        Progress.end_line()
+        for warning in caught:
+            print(f"deepspot {args.command}: warning: {path.name}: {warning.message}", file=sys.stderr)
     if pending:
         for index, status, detail in parallel([(path, targets) for _, path, targets in pending]):
             row, path, targets = pending[index]

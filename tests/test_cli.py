@@ -105,6 +105,29 @@ def test_overlay_marks_and_counts_the_spots_of_every_image_and_report_lists_them
     assert not (tmp_path / "d" / "field0.overlay.overlay.png").exists()  # only with --overlay
 
 
+def test_a_tiny_or_pure_noise_image_is_warned_about_once_and_its_spots_still_written(images, tmp_path, capsys, rng):
+    tifffile.imwrite(images / "tiny.tif", rng.integers(100, 200, (4, 4), dtype=np.uint16))
+    tifffile.imwrite(images / "noise.tif", rng.normal(1000, 30, (128, 128)).astype(np.uint16))
+    out = tmp_path / "out"
+    assert main(["run", str(images), "-o", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if ": warning: " in line]
+    assert len(warned) == 3, err  # the tiny image: too small and noise; the noise image: noise
+    assert sum(line.startswith("deepspot run: warning: tiny.tif: the image is only 4x4 px") for line in warned) == 1
+    assert sum(line.startswith("deepspot run: warning: noise.tif: the image shows no structure above noise")
+               for line in warned) == 1
+    assert all((out / f"{stem}.spots.csv").is_file() for stem in ("tiny", "noise", "field0", "field1", "field2"))
+
+
+def test_unlikely_input_tells_noise_from_spots(rng):
+    from deepspot_napari.images import unlikely_input
+    from deepspot_napari.simulate import simulate_image
+    assert unlikely_input(simulate_image(rng, "ds_var", n_spots=1, size=256)[0]) == []
+    assert all(unlikely_input(simulate_image(rng, "code", n_spots=20, size=64)[0]) == [] for _ in range(10))  # dense
+    for noise in (rng.normal(100, 10, (512, 512)), rng.poisson(2, (256, 256)), rng.normal(100, 10, (3, 64, 64))):
+        assert [reason.split(" (")[0] for reason in unlikely_input(noise)] == ["the image shows no structure above noise"]
+
+
 def test_enhance_then_detect_equals_run(images, tmp_path):
     assert main(["enhance", str(images / "field0.tif"), "-o", str(tmp_path / "e"), "-q"]) == 0
     assert main(["detect", str(tmp_path / "e" / "field0.enhanced.tif"), "-o", str(tmp_path / "d"), "-q"]) == 0
