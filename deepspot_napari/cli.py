@@ -5,6 +5,7 @@ and exit non-zero at the end if anything failed."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 import warnings
@@ -24,14 +25,86 @@ EXAMPLES = """examples:
   deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100
   deepspot train sim/ -o run1/ --epochs 10              fine-tune on images + CSVs; resumable with --resume
   deepspot evaluate sim/ --simulated -o report/   accuracy vs ground truth and baselines (Markdown, CSV, PNG)
+  deepspot --version                             the version, the default weights, the devices that work here
 """
+
+# Each subcommand's --help ends with these.
+COMMAND_EXAMPLES = {
+    "demo": ["deepspot demo                          the bundled sample, written to ./deepspot-demo/",
+             "deepspot demo -o demo2/ --weights general   another bundled model, another folder",
+             "deepspot demo --overwrite --device cpu   replace an earlier demo's files, on the CPU"],
+    "enhance": ["deepspot enhance 'raw/*.tif' -o enhanced/     <name>.enhanced.tif for each input",
+                "deepspot enhance raw/ -o enhanced/ --resume     skip the inputs already done",
+                "deepspot enhance mosaic.zarr -o out/ --block-size 4096   a large image in 4096 px blocks"],
+    "run": ["deepspot run images/ -o results/                 <name>.spots.csv for each input",
+            "deepspot run images/ -o results/ --overlay       also <name>.overlay.png and report.md",
+            "deepspot run images/ -o results/ --threshold 0.6 --save-enhanced   more spots, keep the enhanced images",
+            "deepspot run images/ -o results/ --scheduler local:4   four worker processes here"],
+    "detect": ["deepspot detect enhanced/ -o spots/               spots of images enhanced earlier",
+               "deepspot detect enhanced/ -o spots/ --method wavelet --subpixel gaussian --overlay"],
+    "simulate": ["deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100",
+                 "deepspot simulate real/ -n 100 --recipe realistic --background cells.tif"],
+    "evaluate": ["deepspot evaluate --simulated -o report/          the paper's test sets",
+                 "deepspot evaluate mine=annotated/ -o report/ --no-bigfish   your annotated images",
+                 "deepspot evaluate --finetune \"mine=img.tif,spots.csv\" -o ft/   fine-tune on one half, score the other"],
+    "train": ["deepspot train sim/ -o run1/                      fine-tune on images + CSVs",
+              "deepspot train sim/ -o run1/ --resume             continue an interrupted run (the same command)",
+              "deepspot train mine=annotated/ -o run2/ --epochs 30 --learning-rate 5e-5"],
+}
+MODEL_DETECTION_DEFAULT = "default: the model's own, see docs/detection_defaults.md"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions but keeps the line breaks of the examples (text with line breaks); adds
+    "(default: X)" to a flag's help unless it names its default."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, argparse.SUPPRESS) \
+                or action.default is False:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def version_text() -> str:
+    """The package version, the weights used without --weights, and where the network can run here."""
+    from . import __version__
+    from .devices import available_devices, probe
+    from .model import DEFAULT_MODEL, weights_path
+    lines = [f"deepspot {__version__} ({Path(__file__).parent})",
+             f"default weights: {weights_path(None)} ({DEFAULT_MODEL})"]
+    lines += [f"device {name}: {description}" for name, description in available_devices()]
+    works, reason = probe("cuda")
+    if not works:
+        lines.append(f"device cuda: not available ({reason})")
+    return "\n".join(lines)
+
+
+class VersionAction(argparse.Action):
+    """--version: worked out only when asked for (probing the GPU takes a moment)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version, the default weights file and the devices that work here, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 class Progress:
-    """A one-line progress bar on stderr (a plain line per update when stderr is not a terminal)."""
+    """A one-line progress bar on stderr (a plain line per update when stderr is not a terminal);
+    `unit` names what it counts."""
 
-    def __init__(self, label: str, quiet: bool = False):
-        self.label, self.quiet, self.start = label, quiet, time.perf_counter()
+    line_open = False  # a bar's line on the terminal still waits for its newline
+
+    def __init__(self, label: str, quiet: bool = False, unit: str = ""):
+        self.label, self.quiet, self.unit, self.start = label, quiet, unit, time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int) -> None:
@@ -40,28 +113,64 @@ class Progress:
         width = 30
         filled = int(width * done / max(total, 1))
         elapsed = time.perf_counter() - self.start
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:5.1f}s"
+        count = f"{done}/{total}" + (f" {self.unit}" if self.unit else "")
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {count} {elapsed:5.1f}s"
         print(("\r" if self.tty else "") + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        Progress.line_open = self.tty and done != total
+
+    @staticmethod
+    def end_line() -> None:
+        """Ends an unfinished bar's line, so that the next message starts a line of its own."""
+        if Progress.line_open:
+            print(file=sys.stderr, flush=True)
+            Progress.line_open = False
+
+
+@dataclass
+class BatchRow:
+    name: str
+    status: str  # done, skipped or FAILED
+    detail: str
+    targets: dict[str, Path] = field(default_factory=dict)
+    seconds: float | None = None  # None where it was not timed here (skipped, failed, on a cluster)
 
 
 @dataclass
 class BatchReport:
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    rows: list[BatchRow] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for row in self.rows if row.status == status)
 
     @property
     def failed(self) -> int:
-        return sum(1 for _, status, _ in self.rows if status == "FAILED")
+        return self.count("FAILED")
 
     def print(self) -> None:
         if not self.rows:
             return
-        width = max(len(name) for name, _, _ in self.rows)
+        width = max(len(row.name) for row in self.rows)
         print(f"\n{'file':<{width}}  {'status':<8}  detail")
-        for name, status, detail in self.rows:
-            print(f"{name:<{width}}  {status:<8}  {detail}")
-        done = sum(1 for _, s, _ in self.rows if s == "done")
-        skipped = sum(1 for _, s, _ in self.rows if s == "skipped")
-        print(f"\n{done} done, {skipped} skipped, {self.failed} failed")
+        for row in self.rows:
+            print(f"{row.name:<{width}}  {row.status:<8}  {row.detail}")
+        print(f"\n{self.count('done')} done, {self.count('skipped')} skipped, {self.failed} failed")
+
+    def markdown(self, title: str) -> str:
+        """report.md: every image with its spot count, time and overlay (links relative to the output folder)."""
+        lines = [f"# {title}", "", "| image | status | spots | seconds | overlay |", "|---|---|---:|---:|---|"]
+        for row in self.rows:
+            spots, overlay = row.targets.get("spots"), row.targets.get("overlay")
+            count = _table_rows(spots) if spots is not None and spots.is_file() and row.status != "FAILED" else ""
+            seconds = "" if row.seconds is None else f"{row.seconds:.1f}"
+            link = f"[{overlay.name}]({overlay.name})" if overlay is not None and overlay.is_file() else ""
+            status = row.status if row.status != "FAILED" else f"FAILED: {row.detail}"
+            lines.append(f"| {row.name} | {status} | {count} | {seconds} | {link} |")
+        return "\n".join(lines + [""])
+
+
+def _table_rows(path: Path) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f) - 1  # the header
 
 
 def _load_model(args):
@@ -77,11 +186,15 @@ def _load_model(args):
     return model
 
 
+BATCH_REPORT = "report.md"  # with --overlay
+
+
 def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[[Path, dict[str, Path], Progress], str],
                parallel: Callable[[list[tuple[Path, dict[str, Path]]]], Iterator[tuple[int, str, str]]] | None = None
                ) -> int:
     """Checks every input's outputs (--resume, --overwrite), then runs `work` on each input here,
-    or hands them all to `parallel` (a cluster), which yields (index, status, detail) as they finish."""
+    or hands them all to `parallel` (a cluster), which yields (index, status, detail) as they finish.
+    Failures are reported once, in the table printed at the end."""
     from .io import find_images
     files = find_images(args.inputs)
     out_dir = Path(args.output)
@@ -89,34 +202,45 @@ def _run_batch(args, outputs: Callable[[Path], dict[str, Path]], work: Callable[
     stems = [p.stem for p in files]
     if len(set(stems)) != len(stems):
         raise ValueError("two inputs share a file name; their outputs would collide: process them separately")
+    overlay = getattr(args, "overlay", False)
+    report_path = out_dir / BATCH_REPORT
+    if overlay and report_path.exists() and not (args.overwrite or args.resume):
+        raise ValueError(f"{report_path} exists: pass --overwrite or --resume")
     report = BatchReport()
     pending: list[tuple[int, Path, dict[str, Path]]] = []
     for index, path in enumerate(files, 1):
         targets = outputs(path)
         existing = [t for t in targets.values() if t.exists()]
         if existing and args.resume and len(existing) == len(targets):
-            report.rows.append((path.name, "skipped", "outputs exist (--resume)"))
+            report.rows.append(BatchRow(path.name, "skipped", "outputs exist (--resume)", targets))
             continue
         if existing and not (args.overwrite or args.resume):
-            report.rows.append((path.name, "FAILED", f"{existing[0].name} exists: pass --overwrite or --resume"))
+            report.rows.append(BatchRow(path.name, "FAILED", f"{existing[0].name} exists: pass --overwrite or --resume"))
             continue
         if parallel is not None:
-            report.rows.append((path.name, "FAILED", "not run"))
+            report.rows.append(BatchRow(path.name, "FAILED", "not run", targets))
             pending.append((len(report.rows) - 1, path, targets))
             continue
+        start = time.perf_counter()
         try:
-            detail = work(path, targets, Progress(f"[{index}/{len(files)}] {path.name}", args.quiet))
-            report.rows.append((path.name, "done", detail))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # each image's warnings, even where the last image had the same
+                detail = work(path, targets, Progress(f"[{index}/{len(files)}] {path.name}", args.quiet))
+            report.rows.append(BatchRow(path.name, "done", detail, targets, time.perf_counter() - start))
         except (ValueError, TypeError, OSError, MemoryError) as exc:
-            report.rows.append((path.name, "FAILED", str(exc)))
-            print(f"deepspot: {path}: {exc}", file=sys.stderr)
+            report.rows.append(BatchRow(path.name, "FAILED", str(exc), targets))
+        Progress.end_line()
+        for warning in caught:
+            print(f"deepspot {args.command}: warning: {path.name}: {warning.message}", file=sys.stderr)
     if pending:
         for index, status, detail in parallel([(path, targets) for _, path, targets in pending]):
-            row, path, _ = pending[index]
-            report.rows[row] = (path.name, status, detail)
-            if status == "FAILED":
-                print(f"deepspot: {path}: {detail}", file=sys.stderr)
-    report.print()
+            row, path, targets = pending[index]
+            report.rows[row] = BatchRow(path.name, status, detail, targets)
+    report.print()  # every failure once, here at the end, where a long batch's reader looks
+    if overlay:
+        from .io import write_bytes
+        write_bytes(report_path, report.markdown(f"deepspot {args.command}: {len(files)} image{'s' if len(files) != 1 else ''}").encode())
+        print(f"wrote {report_path}")
     return 1 if report.failed else 0
 
 
@@ -180,10 +304,14 @@ def _detection_overrides(args) -> dict:
 
 
 def cmd_detect(args, enhance_first: bool = False) -> int:
+    from .large import blocked_size
+
     def outputs(path):
         out = {"spots": Path(args.output) / f"{path.stem}.spots.csv"}
         if enhance_first and args.save_enhanced:
             out["enhanced"] = _enhanced_target(args, path)
+        if args.overlay and blocked_size(path, args.block_size) is None:  # images processed in blocks are too large
+            out["overlay"] = Path(args.output) / f"{path.stem}.overlay.png"
         return out
 
     return _process_batch(args, outputs, enhance=enhance_first, detect=True)
@@ -213,32 +341,16 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def draw_overlay(image: np.ndarray, truth: np.ndarray, found: np.ndarray, path: Path) -> None:
-    """RGB PNG: the image (contrast-stretched), ground truth as green circles, detections as red crosses."""
-    from PIL import Image, ImageDraw
-    from .io import write_bytes
-    import io as _io
-    low, high = np.percentile(image, (0.5, 99.8))
-    grey = (np.clip((image - low) / max(high - low, 1e-9), 0, 1) * 255).astype(np.uint8)
-    scale = 2
-    canvas = Image.fromarray(grey).convert("RGB").resize((grey.shape[1] * scale, grey.shape[0] * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    for y, x in truth * scale + scale / 2:
-        draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline=(0, 255, 0))
-    for y, x in found * scale + scale / 2:
-        draw.line([x - 4, y, x + 4, y], fill=(255, 40, 40))
-        draw.line([x, y - 4, x, y + 4], fill=(255, 40, 40))
-    buffer = _io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    write_bytes(path, buffer.getvalue())
+DEMO_FILES = ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png")
 
 
 def cmd_demo(args) -> int:
     from . import metrics
     from .data import sample_image_path, sample_spots_path
     from .io import read_image, write_spots_table, write_tiff
+    from .overlay import draw_overlay
     from .simulate import read_spots_csv
-    out = Path(args.output)
+    out = _output_folder(args, DEMO_FILES)
     out.mkdir(parents=True, exist_ok=True)
     image, truth = read_image(sample_image_path()), read_spots_csv(sample_spots_path())
     model = _load_model(args)
@@ -250,13 +362,17 @@ def cmd_demo(args) -> int:
     seconds = time.perf_counter() - start
     paper = metrics.match_nearest(truth, spots.coords)
     hungarian = metrics.match_hungarian(truth, spots.coords)
-    write_tiff(out / "sample.enhanced.tif", enhanced)
-    write_spots_table(out / "sample.spots.csv", spots.as_table())
-    draw_overlay(image, truth, spots.coords, out / "sample.overlay.png")
+    enhanced_path, spots_path, overlay_path = (out / name for name in DEMO_FILES)
+    write_tiff(enhanced_path, enhanced)
+    write_spots_table(spots_path, spots.as_table())
+    draw_overlay(image, spots.coords, overlay_path, truth=truth)
     print(f"found {len(spots)} spots in {seconds:.2f} s")
     print(f"F1 {paper.f1:.3f} (precision {paper.precision:.3f}, recall {paper.recall:.3f}; nearest detection within "
           f"3 px, {paper.ambiguous} ambiguous) | one-to-one F1 {hungarian.f1:.3f}")
-    print(f"wrote {out / 'sample.enhanced.tif'}, {out / 'sample.spots.csv'}, {out / 'sample.overlay.png'}")
+    print("  ambiguous: an annotation whose nearest detection is already another annotation's (two spots found "
+          "as one); counted against recall, the paper's way\n  one-to-one F1: each detection matches at most one "
+          "annotation (Hungarian matching, within 3 px)")
+    print(f"wrote {enhanced_path}, {spots_path}, {overlay_path}")
     return 0
 
 
@@ -276,7 +392,7 @@ def cmd_evaluate(args) -> int:
         datasets += evaluate.simulated_datasets(seed=args.seed, n_images=args.n_images, size=args.size, names=args.sets)
     if not datasets:
         raise ValueError("nothing to evaluate: give data set folders and/or --simulated")
-    out = _report_folder(args, evaluate.REPORT_FILES)
+    out = _output_folder(args, evaluate.REPORT_FILES)
     model = _load_model(args)
     params = dataclasses.replace(model.detection, **_detection_overrides(args))
     from .model import bundled_weights_path
@@ -312,7 +428,7 @@ def _evaluate_realistic(args) -> int:
     import dataclasses
     from . import evaluate, realistic_eval
     from .model import Model
-    out = _report_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT, NO_SPOTS_CSV))
+    out = _output_folder(args, evaluate.REPORT_FILES + (REALISTIC_REPORT, NO_SPOTS_CSV))
     n_images = args.n_images or realistic_eval.TEST_IMAGES
     sources, why = realistic_eval.real_background_sources(
         args.realdata if args.realdata is not None else realistic_eval.default_realdata(), "test")
@@ -360,12 +476,12 @@ def _evaluate_realistic(args) -> int:
     return 0
 
 
-def _report_folder(args, report_files) -> Path:
-    """--output, refused when it holds one of the report's files and --overwrite is not given."""
+def _output_folder(args, report_files) -> Path:
+    """--output, refused when it holds one of the files the command writes and --overwrite is not given."""
     out = Path(args.output)
     existing = [out / name for name in report_files if (out / name).exists()]
     if existing and not args.overwrite:
-        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace the report")
+        raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another folder (-o)")
     return out
 
 
@@ -380,7 +496,7 @@ def _evaluate_finetune(args, datasets) -> int:
                                sample.truth) for dataset in datasets for sample in dataset]
     if not samples:
         raise ValueError("--finetune needs annotated images: give data set folders ([NAME=]FOLDER[,CSV_FOLDER])")
-    out = _report_folder(args, protocol.REPORT_FILES)
+    out = _output_folder(args, protocol.REPORT_FILES)
     out.mkdir(parents=True, exist_ok=True)
     weights = Path(args.weights) if args.weights else None
     device = _load_model(args).device
@@ -405,7 +521,8 @@ def _evaluate_finetune(args, datasets) -> int:
 def cmd_train(args) -> int:
     from . import evaluate
     from .simulate import simulate_image
-    from .train import save_training_curves
+    from .train import ResumeMismatch, save_training_curves
+
     def read(specs):
         images, points = [], []
         for spec in specs:
@@ -430,23 +547,41 @@ def cmd_train(args) -> int:
     model = _load_model(args)
     print(f"training {'from scratch' if args.from_scratch else 'from ' + model.path.name} on {len(images)} images"
           f"{f' + {args.simulate} simulated per epoch' if args.simulate else ''}; checkpoints in {out}")
+    bar = Progress("train", args.quiet, unit="steps")
+
+    def progress(done, total):
+        bar.label = f"train epoch {-(-done * args.epochs // total)}/{args.epochs}"  # total: steps of all epochs
+        bar(done, total)
+
+    def print_epoch(record):
+        Progress.end_line()
+        print(f"{record['epoch']:>5}  {record['loss']:9.5f}  {record['val_loss']:9.5f}  {record['val_f1']:7.3f}  "
+              f"{record['seconds']:7.1f}", flush=True)
+
+    print(f"{'epoch':>5}  {'loss':>9}  {'val loss':>9}  {'val F1':>7}  {'seconds':>7}", flush=True)
     with warnings.catch_warnings():
         # incomplete-annotation warnings as the CLI's other messages, as soon as they are found
         warnings.showwarning = lambda message, *_, **__: print(f"deepspot train: warning: {message}", file=sys.stderr)
-        history = model.fit(images, points, epochs=args.epochs, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, validation_split=args.validation_split, seed=args.seed,
-                            max_term=args.max_term, checkpoint_dir=out, resume=args.resume, patience=args.patience,
-                            monitor=args.monitor, augment=not args.no_augment, batch_norm=args.batch_norm,
-                            simulate=args.simulate, validation=validation,
-                            target_background=args.target_background,
-                            patch_size=args.patch_size, from_scratch=args.from_scratch, bn_bessel=args.bn_bessel,
-                            progress=Progress("train", args.quiet))
+        try:
+            history = model.fit(images, points, epochs=args.epochs, batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, validation_split=args.validation_split,
+                                seed=args.seed, max_term=args.max_term, checkpoint_dir=out, resume=args.resume,
+                                patience=args.patience, monitor=args.monitor, augment=not args.no_augment,
+                                batch_norm=args.batch_norm, simulate=args.simulate, validation=validation,
+                                target_background=args.target_background, patch_size=args.patch_size,
+                                from_scratch=args.from_scratch, bn_bessel=args.bn_bessel, progress=progress,
+                                on_epoch=print_epoch)
+        except ResumeMismatch as exc:
+            raise ValueError(f"cannot --resume the run in {out}: it was made with other settings or data "
+                             f"({exc.differences}); give the same ones as then, or write to another folder "
+                             "(-o)") from None
+        except KeyboardInterrupt:
+            Progress.end_line()
+            command = args.argv + ([] if "--resume" in args.argv else ["--resume"])
+            print(f"deepspot train: interrupted; {out} keeps the last complete epoch. Continue with:\n"
+                  f"  deepspot {shlex.join(command)}", file=sys.stderr)
+            return 130
     save_training_curves(history, out / "curves.png")
-    print(f"\n{'epoch':>5}  {'loss':>9}  {'val loss':>9}  {'val F1':>7}")
-    for i, epoch in enumerate(history.epoch):
-        val_loss = history.val_loss[i] if i < len(history.val_loss) else float("nan")
-        val_f1 = history.val_f1[i] if i < len(history.val_f1) else float("nan")
-        print(f"{epoch:>5}  {history.loss[i]:9.5f}  {val_loss:9.5f}  {val_f1:7.3f}")
     print(f"\nbest epoch {history.best_epoch}{' (stopped early)' if history.stopped_early else ''}; "
           f"weights: {out / 'best.safetensors'} (deepspot run ... --weights {out / 'best.safetensors'})")
     return 0
@@ -463,26 +598,32 @@ def _target_background(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICES, PRECISIONS
-    from .model import DEFAULT_TILE_SIZE
+    from .detect import DEFAULT_DETECTION
+    from .model import DEFAULT_MODEL, DEFAULT_TILE_SIZE
     from .train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE, DEFAULT_PATIENCE
     parser = argparse.ArgumentParser(
-        prog="deepspot", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog="deepspot", formatter_class=HelpFormatter, epilog=EXAMPLES,
         description="DeepSpot: enhance every RNA spot of smFISH images to the same intensity with a CNN, then find "
                     "them all with one fixed detector setting.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=VersionAction)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, **kwargs):
+        epilog = "examples:\n" + "\n".join(f"  {line}" for line in COMMAND_EXAMPLES[name])
+        return subparsers.add_parser(name, formatter_class=HelpFormatter, epilog=epilog, **kwargs)
 
     def common(p, model=True):
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if model:
             p.add_argument("--weights", help="a .safetensors model, or a bundled model's name: hybrid (the published "
-                                             "weights), general (default: the default bundled model)")
+                                             f"weights), general (default: {DEFAULT_MODEL})")
             p.add_argument("--device", default="auto", choices=DEVICES,
                            help="where the network runs (default: auto = the GPU when one works here, else the CPU)")
             p.add_argument("--precision", default="float32", choices=PRECISIONS,
                            help="the convolutions' arithmetic: float32 (default), or tf32 (TF32 tensor cores, "
                                 "10-bit mantissa; GPU only)")
             p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
-                           help="window side in pixels for large images; results equal a whole-image pass")
+                           help="window side in pixels for large planes; results equal a whole-image pass")
 
     def batch(p, enhanced_output=True):
         from .large import DEFAULT_BLOCK_SIZE, HALO_PX, LARGE_IMAGE_PIXELS
@@ -507,41 +648,60 @@ def build_parser() -> argparse.ArgumentParser:
                                help="enhanced images as TIFF or OME-Zarr (default auto: Zarr for Zarr inputs and "
                                     "large images, TIFF otherwise)")
 
-    def detection(p):
-        group = p.add_argument_group("detection (defaults: the fixed parameters chosen on simulated validation data)")
-        group.add_argument("--method", choices=("peak", "wavelet"))
-        group.add_argument("--threshold", type=float, help="peak detector: minimum enhanced value (0..1)")
-        group.add_argument("--min-distance", type=float, help="peak detector: minimum distance between spots (px)")
-        group.add_argument("--subpixel", choices=("none", "centroid", "gaussian"), help="subpixel refinement")
+    def detection(p, model_decides=True):
+        """The detector's flags; their defaults are the model's own (Model.detection) where a model enhances,
+        else DEFAULT_DETECTION."""
+        def default(name):
+            return MODEL_DETECTION_DEFAULT if model_decides else f"default: {getattr(DEFAULT_DETECTION, name)}"
 
-    p = sub.add_parser("demo", help="enhance and detect the bundled sample image; print F1 against its ground truth",
+        group = p.add_argument_group("detection (one fixed setting, chosen on validation data)")
+        group.add_argument("--method", choices=("peak", "wavelet"),
+                           help=f"peak: local maxima of the enhanced image; wavelet: the wavelet detector "
+                                f"({default('method')})")
+        group.add_argument("--threshold", type=float,
+                           help=f"peak detector: minimum enhanced value, 0..1 ({default('threshold')})")
+        group.add_argument("--min-distance", type=float,
+                           help=f"peak detector: minimum distance between spots in px ({default('min_distance')})")
+        group.add_argument("--subpixel", choices=("none", "centroid", "gaussian"),
+                           help=f"subpixel refinement of the positions ({default('subpixel')})")
+
+    def overlay(p):
+        p.add_argument("--overlay", action="store_true",
+                       help="also write <name>.overlay.png (the image, or a stack's maximum projection, with the spots "
+                            f"marked and counted) and {BATCH_REPORT}, which lists every image with its spot count, time "
+                            "and overlay (images processed in blocks get no overlay)")
+
+    p = command("demo", help="enhance and detect the bundled sample image; print F1 against its ground truth",
                        description="Runs the whole pipeline on the bundled simulated sample with the bundled weights: "
                                    "prints the spot count and F1, writes the enhanced image, the spots CSV and an "
                                    "overlay PNG (green circles: ground truth, red crosses: detections).")
     common(p)
     p.add_argument("-o", "--output", default="deepspot-demo", help="output folder (default: ./deepspot-demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in the output folder")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("enhance", help="enhance images (writes <name>.enhanced.tif, or .zarr for Zarr/large inputs)")
+    p = command("enhance", help="enhance images (writes <name>.enhanced.tif, or .zarr for Zarr/large inputs)")
     common(p)
     batch(p)
     p.set_defaults(func=cmd_enhance)
 
-    p = sub.add_parser("run", help="enhance and detect (writes <name>.spots.csv, optionally the enhanced image)")
+    p = command("run", help="enhance and detect (writes <name>.spots.csv, optionally the enhanced image)")
     common(p)
     batch(p)
     detection(p)
+    overlay(p)
     p.add_argument("--save-enhanced", action="store_true",
                    help="also write <name>.enhanced.tif (or .zarr, see --output-format)")
     p.set_defaults(func=lambda a: cmd_detect(a, enhance_first=True))
 
-    p = sub.add_parser("detect", help="detect spots in images that are already enhanced (writes <name>.spots.csv)")
+    p = command("detect", help="detect spots in images that are already enhanced (writes <name>.spots.csv)")
     common(p, model=False)
     batch(p, enhanced_output=False)
-    detection(p)
+    detection(p, model_decides=False)
+    overlay(p)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("simulate", help="simulate smFISH images with targets and ground-truth CSVs")
+    p = command("simulate", help="simulate smFISH images with targets and ground-truth CSVs")
     common(p, model=False)
     p.add_argument("output", help="output folder")
     p.add_argument("-n", type=int, default=10, help="number of images (default 10)")
@@ -563,10 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="background kinds to draw from (default: all; real needs --background)")
     group.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"),
                        help="spot SNR range, log-uniform (default 2 30; LOW = HIGH fixes it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("evaluate", help="F1, precision, recall, ... against ground truth, vs baselines",
+    p = command("evaluate", help="F1, precision, recall, ... against ground truth, vs baselines",
                        description="Scores DeepSpot + the fixed detector, the same detector on the raw images and "
                                    "Big-FISH (if installed) on annotated images, per image then per data set (mean "
                                    "with 95% CI), the paper's way; writes evaluation.md, evaluation.csv, "
@@ -611,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     detection(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("train", help="train or fine-tune the network on annotated images and/or simulated ones",
+    p = command("train", help="train or fine-tune the network on annotated images and/or simulated ones",
                        description="Fine-tunes the current model (default: the bundled weights) on images paired "
                                    "with ground-truth CSVs (y,x), in the C core. Each epoch writes a checkpoint "
                                    "(weights + optimizer state) to the output folder; an interrupted run continues "
@@ -653,19 +813,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=DEFAULT_PATCH_SIZE,
                    help=f"side of the random training crops, a multiple of 8 (default {DEFAULT_PATCH_SIZE})")
     p.add_argument("--from-scratch", action="store_true", help="start from a random initialisation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the crops, augmentation, validation split and dropout")
     p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to repeat the command (train's resume hint)
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"deepspot {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        Progress.end_line()
         print(f"deepspot {args.command}: interrupted", file=sys.stderr)
         return 130
 

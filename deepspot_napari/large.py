@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -460,7 +461,8 @@ def enhance_detect_blocks(model, source, target=None, block_size: int = DEFAULT_
 @dataclass
 class FileJob:
     """One input and its outputs. targets: "enhanced" (a .tif/.tiff or .zarr path) and/or
-    "spots" (a .csv path). enhance=False: the input is already enhanced (detect only)."""
+    "spots" (a .csv path), and "overlay" (a .png of the spots, overlay.draw_overlay; images
+    processed in memory only). enhance=False: the input is already enhanced (detect only)."""
 
     path: str
     targets: dict[str, str]
@@ -516,7 +518,8 @@ def _is_zarr_target(target: str | Path) -> bool:
 def process_file(job: FileJob, model=None, progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool] | None = None, mapper: Mapper | None = None) -> str:
     """Reads job.path, enhances (job.enhance) and/or detects (job.detect), writes the targets
-    atomically; returns a one-line summary. Small images go through memory (Model.enhance,
+    atomically; returns a one-line summary. A raw image processed in memory that is too small or
+    pure noise (images.unlikely_input) gets an UnlikelyInputWarning. Small images go through memory (Model.enhance,
     Model.detect), Zarr and large ones through run_blocks. mapper: see run_blocks (Dask)."""
     if job.enhance and model is None and mapper is None:
         from .distributed import worker_model
@@ -528,10 +531,13 @@ def process_file(job: FileJob, model=None, progress: Callable[[int, int], None] 
 
 
 def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
+    from .images import UnlikelyInputWarning, as_image_stack, unlikely_input
     from .io import read_image, write_spots_table, write_tiff, write_zarr
     image = read_image(job.path)
     enhanced = None
     if job.enhance:
+        for reason in unlikely_input(as_image_stack(image)):  # the spots are still found and written
+            warnings.warn(reason, UnlikelyInputWarning, stacklevel=2)
         enhanced = model.enhance(image, tile_size=job.tile_size, batch_size=job.batch_size, progress=progress,
                                  cancel=cancel)
     detail = None
@@ -551,6 +557,9 @@ def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
         detail = detail or f"{enhanced.shape} -> {Path(target).name}"
     if job.detect:
         write_spots_table(job.targets["spots"], spots.as_table())
+    if "overlay" in job.targets:
+        from .overlay import draw_overlay
+        draw_overlay(image, spots.coords, job.targets["overlay"])
     return detail
 
 

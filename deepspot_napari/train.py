@@ -91,6 +91,15 @@ class History:
         return cls(**{k: d[k] for k in (f.name for f in dataclasses.fields(cls)) if k in d})
 
 
+class ResumeMismatch(ValueError):
+    """A run to resume was made with other settings or data than this call's (`differences` says which)."""
+
+    def __init__(self, checkpoint_dir, differences: str):
+        super().__init__(f"cannot resume from {checkpoint_dir}: the run there used other settings or data "
+                         f"({differences}); use another checkpoint_dir or resume=False")
+        self.differences = differences
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 def _check_image(image, index: int) -> np.ndarray:
@@ -684,9 +693,7 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
             state = json.loads(state_path.read_text())
             mismatch = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
             if mismatch:
-                raise ValueError(f"cannot resume from {ckpt}: the run there used other settings or data "
-                                 f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in mismatch.items())}); "
-                                 "use another checkpoint_dir or resume=False")
+                raise ResumeMismatch(ckpt, ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in mismatch.items()))
             trainer.load(str(ckpt / state["checkpoint"]))
             trainer.step_count = int(state["step_count"])
             history = History.from_dict(state["history"])
@@ -792,7 +799,7 @@ def save_training_curves(history: History, path: str | os.PathLike, size=(800, 5
     from PIL import Image, ImageDraw
 
     w, h = size
-    left, right, top, bottom = 70, 60, 30, 50
+    left, right, top, bottom = 70, 60, 30, 72  # the legend goes below the plot area, where it hides no curve
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     pw, ph = w - left - right, h - top - bottom
@@ -834,12 +841,12 @@ def save_training_curves(history: History, path: str | os.PathLike, size=(800, 5
             d.text((left + pw + 8, py_f1(f) - 6), f"{f:.2f}", fill="black")
         for e in sorted({e0, epochs[-1], (e0 + epochs[-1]) // 2}):
             d.text((px(e) - 6, top + ph + 6), str(e), fill="black")
-    d.text((left + pw // 2 - 20, h - 22), "epoch", fill="black")
+    d.text((left + pw // 2 - 20, top + ph + 24), "epoch", fill="black")
     for i, (label, colour) in enumerate((("train loss", (31, 119, 180)), ("val loss", (255, 127, 14)),
                                          ("val F1", (44, 160, 44)))):
         x = left + 10 + i * 120
-        d.line([x, top + 12, x + 20, top + 12], fill=colour, width=3)
-        d.text((x + 26, top + 6), label, fill="black")
+        d.line([x, h - 14, x + 20, h - 14], fill=colour, width=3)
+        d.text((x + 26, h - 20), label, fill="black")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     img.save(tmp, format="PNG")

@@ -39,8 +39,35 @@ def test_demo_reports_f1_and_writes_outputs(tmp_path, capsys):
     out = capsys.readouterr().out
     f1 = float(out.split("F1 ")[1].split()[0])
     assert f1 >= 0.9, out
+    assert "ambiguous: an annotation whose nearest detection is already another annotation's" in out
+    assert "one-to-one F1: each detection matches at most one annotation (Hungarian matching" in out
     for name in ("sample.enhanced.tif", "sample.spots.csv", "sample.overlay.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+    found = len(read_rows(tmp_path / "demo" / "sample.spots.csv")) - 1
+    truth = int(out.split("annotated spots")[0].split()[-1])
+    assert overlay_legend(tmp_path / "demo" / "sample.overlay.png") == \
+        f"green circles: {truth} ground-truth spots; red crosses: {found} spots detected"
+
+
+def overlay_legend(path):
+    """The legend's text (also stored in the PNG), after checking that it is drawn below the image."""
+    with Image.open(path) as im:
+        legend, pixels = im.info["legend"], np.asarray(im.convert("RGB"))
+    rows = legend.count(";") + 1
+    band = pixels[-(18 * rows + 4):]
+    assert ((band[..., 0] > 150) & (band[..., 1] < 100)).any()  # the red text of the detections' line
+    return legend
+
+
+def test_demo_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "sample.spots.csv").write_text("mine")
+    assert main(["demo", "-o", str(out), "-q"]) == 2
+    assert "sample.spots.csv exists: pass --overwrite" in capsys.readouterr().err
+    assert (out / "sample.spots.csv").read_text() == "mine" and not (out / "sample.enhanced.tif").exists()
+    assert main(["demo", "-o", str(out), "-q", "--overwrite"]) == 0
+    assert (out / "sample.spots.csv").read_text().startswith("y,x")
 
 
 def test_run_enhances_and_detects_every_input(images, tmp_path, capsys):
@@ -52,6 +79,53 @@ def test_run_enhances_and_detects_every_input(images, tmp_path, capsys):
         assert len(rows) > 5
         assert tifffile.imread(out / f"{stem}.enhanced.tif").dtype == np.float32
     assert "3 done, 0 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_overlay_marks_and_counts_the_spots_of_every_image_and_report_lists_them(images, tmp_path, capsys):
+    from deepspot_napari.simulate import simulate_image
+    rng = np.random.default_rng(3)
+    tifffile.imwrite(images / "stack.tif", np.stack([simulate_image(rng, "ds_var", n_spots=15, size=64)[0]
+                                                     for _ in range(3)]))
+    out = tmp_path / "out"
+    assert main(["run", str(images), "-o", str(out), "--overlay", "-q"]) == 0
+    report = (out / "report.md").read_text()
+    for stem, side in (("field0", 128), ("field1", 128), ("field2", 64), ("stack", 64)):  # the stack: its projection
+        count = len(read_rows(out / f"{stem}.spots.csv")) - 1
+        assert count > 5 and overlay_legend(out / f"{stem}.overlay.png") == f"red crosses: {count} spots detected"
+        with Image.open(out / f"{stem}.overlay.png") as im:
+            assert im.size[0] >= 2 * side and im.size[1] > 2 * side
+        row = next(line for line in report.splitlines() if line.startswith(f"| {stem}."))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[1:3] == ["done", str(count)] and float(cells[3]) > 0
+        assert cells[4] == f"[{stem}.overlay.png]({stem}.overlay.png)"
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+    assert main(["run", str(images), "-o", str(out), "--overlay", "-q"]) == 2  # no silent overwrite of the report
+    assert "report.md exists: pass --overwrite or --resume" in capsys.readouterr().err
+    assert main(["detect", str(out / "field0.overlay.png"), "-o", str(tmp_path / "d"), "-q"]) == 0
+    assert not (tmp_path / "d" / "field0.overlay.overlay.png").exists()  # only with --overlay
+
+
+def test_a_tiny_or_pure_noise_image_is_warned_about_once_and_its_spots_still_written(images, tmp_path, capsys, rng):
+    tifffile.imwrite(images / "tiny.tif", rng.integers(100, 200, (4, 4), dtype=np.uint16))
+    tifffile.imwrite(images / "noise.tif", rng.normal(1000, 30, (128, 128)).astype(np.uint16))
+    out = tmp_path / "out"
+    assert main(["run", str(images), "-o", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if ": warning: " in line]
+    assert len(warned) == 3, err  # the tiny image: too small and noise; the noise image: noise
+    assert sum(line.startswith("deepspot run: warning: tiny.tif: the image is only 4x4 px") for line in warned) == 1
+    assert sum(line.startswith("deepspot run: warning: noise.tif: the image shows no structure above noise")
+               for line in warned) == 1
+    assert all((out / f"{stem}.spots.csv").is_file() for stem in ("tiny", "noise", "field0", "field1", "field2"))
+
+
+def test_unlikely_input_tells_noise_from_spots(rng):
+    from deepspot_napari.images import unlikely_input
+    from deepspot_napari.simulate import simulate_image
+    assert unlikely_input(simulate_image(rng, "ds_var", n_spots=1, size=256)[0]) == []
+    assert all(unlikely_input(simulate_image(rng, "code", n_spots=20, size=64)[0]) == [] for _ in range(10))  # dense
+    for noise in (rng.normal(100, 10, (512, 512)), rng.poisson(2, (256, 256)), rng.normal(100, 10, (3, 64, 64))):
+        assert [reason.split(" (")[0] for reason in unlikely_input(noise)] == ["the image shows no structure above noise"]
 
 
 def test_enhance_then_detect_equals_run(images, tmp_path):
@@ -68,7 +142,8 @@ def test_corrupt_file_is_reported_and_skipped(images, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", str(images), "-o", str(out), "-q"]) == 1
     captured = capsys.readouterr()
-    assert "broken.tif" in captured.err and "3 done, 0 skipped, 1 failed" in captured.out
+    assert (captured.out + captured.err).count("broken.tif") == 1  # in the table at the end, once
+    assert "3 done, 0 skipped, 1 failed" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["field0.spots.csv", "field1.spots.csv", "field2.spots.csv"]
 
 
@@ -127,12 +202,60 @@ def test_every_model_command_takes_device_and_precision(command, capsys):
     assert "--device {auto,cpu,cuda}" in usage and "--precision {float32,tf32}" in usage
 
 
-def test_help_runs_as_a_program(tmp_path):
-    """As a separate program, importing the same deepspot_napari as this test (installed or in-tree)."""
+def run_program(tmp_path, *args):
+    """The command line as a separate program, importing the same deepspot_napari as this test (installed or in-tree)."""
     env = {**os.environ, "PYTHONPATH": str(Path(deepspot_napari.__file__).parent.parent)}
-    result = subprocess.run([sys.executable, "-m", "deepspot_napari.cli", "--help"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env)
+    return subprocess.run([sys.executable, "-m", "deepspot_napari.cli", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+
+
+def test_help_runs_as_a_program(tmp_path):
+    result = run_program(tmp_path, "--help")
     assert result.returncode == 0 and "deepspot demo" in result.stdout
+
+
+def test_version_names_the_package_weights_and_devices(tmp_path):
+    from deepspot_napari.devices import available_devices
+    from deepspot_napari.model import weights_path
+    result = run_program(tmp_path, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"deepspot {deepspot_napari.__version__} ")
+    assert f"default weights: {weights_path(None)}" in result.stdout
+    for name, description in available_devices():
+        assert f"device {name}: {description}" in result.stdout
+
+
+def help_text(capsys, *command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+@pytest.mark.parametrize("command", ["demo", "enhance", "run", "detect", "simulate", "evaluate", "train"])
+def test_every_subcommand_help_ends_with_examples_and_every_flag_is_explained(command, capsys):
+    from deepspot_napari.cli import build_parser
+    text = help_text(capsys, command)
+    examples = text.split(" examples: ")[-1]
+    assert examples.count(f"deepspot {command} ") >= 2, text
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    assert all(action.help for action in parser._actions), [a.dest for a in parser._actions if not a.help]
+
+
+def test_help_shows_the_defaults(capsys):
+    from deepspot_napari.detect import DEFAULT_DETECTION
+    from deepspot_napari.train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE
+    train = help_text(capsys, "train")
+    for flag, default in (("--epochs", DEFAULT_EPOCHS), ("--batch-size", 8), ("--learning-rate", "1e-4"),
+                          ("--patch-size", DEFAULT_PATCH_SIZE), ("--seed", 0)):
+        assert f"default {default}" in train.split(flag)[2] or f"default: {default}" in train.split(flag)[2], flag
+    model_default = "(default: the model's own, see docs/detection_defaults.md)"
+    run = help_text(capsys, "run")
+    assert all(model_default in run.split(flag)[2] for flag in ("--method", "--threshold", "--min-distance", "--subpixel"))
+    assert "--tile-size TILE_SIZE window side" in run and "(default: 768)" in run.split("--tile-size")[2]
+    detect = help_text(capsys, "detect")
+    assert f"(default: {DEFAULT_DETECTION.threshold})" in detect.split("--threshold")[2]
+    assert f"(default: {DEFAULT_DETECTION.method})" in detect.split("--method")[2]
 
 
 def test_evaluate_finetune_reports_before_and_after_on_the_other_half(tmp_path, capsys):
@@ -168,17 +291,39 @@ def test_simulate_spots_on_a_real_background(tmp_path):
     assert main(["simulate", str(tmp_path / "z"), "--recipe", "realistic", "--kinds", "real"]) == 2  # no sources
 
 
-def test_train_fine_tunes_resumes_and_the_weights_run(tmp_path, capsys):
+def test_train_prints_each_epoch_resumes_after_an_interruption_and_the_weights_run(tmp_path, capsys, monkeypatch):
+    from deepspot_napari import cli
     sim = tmp_path / "sim"
     assert main(["simulate", str(sim), "-n", "5", "--recipe", "hybrid", "--size", "64", "--spots", "10", "20"]) == 0
     run = tmp_path / "run"
-    common = [str(sim), "-o", str(run), "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.34", "-q"]
-    assert main(["train", *common, "--epochs", "1"]) == 0
-    assert main(["train", *common, "--epochs", "2"]) == 2  # the run exists: no silent restart
+    common = ["train", str(sim), "-o", str(run), "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.34"]
+    labels = []
+
+    def ctrl_c_in_epoch_2(bar, done, total):  # the user presses Ctrl-C during the second epoch
+        labels.append(f"{bar.label} {done}/{total} {bar.unit}")
+        if bar.label.startswith("train epoch 2/"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Progress, "__call__", ctrl_c_in_epoch_2)
+    assert main([*common, "--epochs", "3"]) == 130
+    captured = capsys.readouterr()
+    epoch_lines = [line.split() for line in captured.out.splitlines() if line.startswith("    ")]
+    assert [row[0] for row in epoch_lines] == ["1"] and len(epoch_lines[0]) == 5  # epoch, loss, val loss, F1, s
+    assert labels[0].startswith("train epoch 1/3 1/") and labels[0].endswith(" steps")
+    resume = captured.err.split("Continue with:\n")[1].strip()
+    assert resume == "deepspot " + " ".join([*common, "--epochs", "3", "--resume"])
+    monkeypatch.undo()
+
+    assert main([*common, "--epochs", "3"]) == 2  # the run exists: no silent restart
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    assert main([*common, "--epochs", "3", "--resume", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot --resume the run in" in err and "batch_size: 2 there, 4 now" in err and "(-o)" in err
+    assert "checkpoint_dir" not in err and "resume=False" not in err
+    assert main(resume.split()[1:] + ["-q"]) == 0
     out = capsys.readouterr().out
-    assert "    2  " in out and (run / "best.safetensors").exists() and (run / "curves.png").exists()
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("    ")][:1] == ["2"]  # not again from 1
+    assert (run / "best.safetensors").exists() and (run / "curves.png").exists()
     assert main(["run", str(sim / "images"), "-o", str(tmp_path / "spots"), "--weights", str(run / "best.safetensors"),
                  "-q"]) == 0
     assert main(["train", "-o", str(tmp_path / "empty"), "--epochs", "1"]) == 2

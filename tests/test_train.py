@@ -562,6 +562,20 @@ def test_training_curves_png(tmp_path):
         assert im.size == (800, 500) and len(set(im.getdata())) > 3
 
 
+def test_training_curves_legend_lies_outside_the_plot_area(tmp_path):
+    """Without epochs nothing is drawn inside the plot's frame: the legend is below it, where it hides no curve."""
+    save_training_curves(History(), tmp_path / "empty.png")
+    from PIL import Image
+    with Image.open(tmp_path / "empty.png") as im:
+        pixels = np.asarray(im.convert("RGB"))
+    frame = np.flatnonzero((pixels[:, 200] == 0).all(axis=1))  # the frame's top and bottom edges
+    top, bottom = frame[0], frame[-1]
+    assert bottom - top > 300 and (pixels[top + 2:bottom - 1, 75:735] == 255).all()
+    below = pixels[bottom + 1:]
+    for colour in ((31, 119, 180), (255, 127, 14), (44, 160, 44)):  # train loss, val loss, val F1
+        assert (below == colour).all(axis=-1).any(), colour
+
+
 def _areas(shapes, points_per_area=0, rng=None):
     from deepspot_napari.train import _Area
     out = []
