@@ -25,10 +25,13 @@ static size_t aligned(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 /* cudaGetDeviceCount fails cleanly where there is no driver (cudart is linked statically). */
 static ds_status first_device_present(void)
 {
-    int count = 0;
+    int count = 0, driver = 0;
+    /* without a driver the runtime reports "driver version is insufficient": say what that means */
+    if (cudaDriverGetVersion(&driver) != cudaSuccess || driver == 0)
+        return ds_fail(DS_ERR_BACKEND, "no NVIDIA GPU or driver found");
     cudaError_t rc = cudaGetDeviceCount(&count);
-    if (rc == cudaSuccess && count < 1)
-        rc = cudaErrorNoDevice;
+    if (rc == cudaErrorNoDevice || (rc == cudaSuccess && count < 1))
+        return ds_fail(DS_ERR_BACKEND, "no NVIDIA GPU found (driver %d present)", driver);
     if (rc != cudaSuccess)
         return ds_fail(DS_ERR_BACKEND, "no usable CUDA device: %s", cudaGetErrorString(rc));
     return DS_OK;

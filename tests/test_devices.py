@@ -218,3 +218,18 @@ def test_the_cli_says_why_a_present_gpu_is_not_used(monkeypatch, tmp_path, capsy
     assert cli.main(["enhance", str(tmp_path / "image.tif"), "-o", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "device: cpu" in err and "a GPU is present but not used" in err and devices.SELF_TEST_FAILED in err
+
+
+def test_without_a_gpu_the_reason_says_so():
+    """Where no NVIDIA driver is installed (as on CI), the CUDA module says exactly that, not the
+    runtime's "driver version is insufficient"."""
+    import shutil
+    from pathlib import Path
+    if shutil.which("nvidia-smi") or Path("/proc/driver/nvidia").exists():
+        pytest.skip("an NVIDIA driver is installed here: the no-driver message cannot be produced")
+    try:
+        module = devices.core_module("cuda")
+    except (ImportError, RuntimeError) as exc:
+        pytest.skip(f"the CUDA module is not built here: {exc}")
+    with pytest.raises(RuntimeError, match="no NVIDIA GPU or driver found"):
+        module.probe()
