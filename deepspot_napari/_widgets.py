@@ -450,8 +450,8 @@ class ModelPanel(Container):
                                   tooltip="tf32: TF32 tensor-core convolutions on the GPU (faster, less exact)")
         self.load_button = PushButton(text="Load weights")
         self.bundled = ComboBox(label="bundled", choices=bundled_models(),
-                                tooltip="the models shipped with the plugin (weights/README.md): general, trained "
-                                        "here on realistic images; hybrid, the published DeepSpot weights")
+                                tooltip="the models shipped with the plugin (weights/README.md); hybrid: the "
+                                        "published DeepSpot weights")
         self.bundled_button = PushButton(text="Use bundled")
         buttons = Container(widgets=[self.load_button, self.bundled_button], layout="horizontal", labels=False)
         buttons.margins = (0, 0, 0, 0)

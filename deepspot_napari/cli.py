@@ -31,7 +31,7 @@ EXAMPLES = """examples:
 # Each subcommand's --help ends with these.
 COMMAND_EXAMPLES = {
     "demo": ["deepspot demo                          the bundled sample, written to ./deepspot-demo/",
-             "deepspot demo -o demo2/ --weights general   another bundled model, another folder",
+             "deepspot demo -o demo2/ --weights run1/best.safetensors   other weights, another folder",
              "deepspot demo --overwrite --device cpu   replace an earlier demo's files, on the CPU"],
     "enhance": ["deepspot enhance 'raw/*.tif' -o enhanced/     <name>.enhanced.tif for each input",
                 "deepspot enhance raw/ -o enhanced/ --resume     skip the inputs already done",
@@ -599,7 +599,7 @@ def _target_background(text: str):
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICES, PRECISIONS
     from .detect import DEFAULT_DETECTION
-    from .model import DEFAULT_MODEL, DEFAULT_TILE_SIZE
+    from .model import BUNDLED_MODELS, DEFAULT_MODEL, DEFAULT_TILE_SIZE
     from .train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE, DEFAULT_PATIENCE
     parser = argparse.ArgumentParser(
         prog="deepspot", formatter_class=HelpFormatter, epilog=EXAMPLES,
@@ -615,8 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, model=True):
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if model:
-            p.add_argument("--weights", help="a .safetensors model, or a bundled model's name: hybrid (the published "
-                                             f"weights), general (default: {DEFAULT_MODEL})")
+            p.add_argument("--weights", help="a .safetensors model, or a bundled model's name: "
+                                             f"{', '.join(BUNDLED_MODELS)} (default: {DEFAULT_MODEL})")
             p.add_argument("--device", default="auto", choices=DEVICES,
                            help="where the network runs (default: auto = the GPU when one works here, else the CPU)")
             p.add_argument("--precision", default="float32", choices=PRECISIONS,
@@ -756,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the realistic test family: SNR bins 2-20, densities, images without spots; DeepSpot "
                             "(--weights and --compare), Big-FISH and U-FISH (writes realistic.md too)")
     group.add_argument("--compare", nargs="+", metavar="WEIGHTS",
-                       help="--realistic: more models to score (files, or bundled names: hybrid, general)")
+                       help="--realistic: more models to score (files, or bundled names such as hybrid)")
     group.add_argument("--realdata", metavar="DIR",
                        help="--realistic: the realdata folder with the real backgrounds (default $DEEPSPOT_REALDATA, "
                             "else ../shared/realdata)")

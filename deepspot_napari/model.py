@@ -15,8 +15,9 @@ from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .devices import core_module, resolve_device
 from .images import as_image_stack, scale_plane
 
-# The models shipped in weights/, by the name Model.load, --weights and the widgets' menu take.
-BUNDLED_MODELS = {"hybrid": "deepspot_hybrid.safetensors", "general": "deepspot_general.safetensors"}
+# The models shipped in weights/, by the name Model.load, --weights and the widgets' menu take (the
+# general model trained here joins them when it passes its benchmark: docs/training.md).
+BUNDLED_MODELS = {"hybrid": "deepspot_hybrid.safetensors"}
 DEFAULT_MODEL = "hybrid"
 BUNDLED_WEIGHTS = BUNDLED_MODELS[DEFAULT_MODEL]
 SIZE_MULTIPLE = 8  # three stride-2 stages down and up
@@ -155,7 +156,7 @@ class Model:
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto", precision: str = "float32") -> "Model":
         """Loads weights: a safetensors file, a bundled model's name (BUNDLED_MODELS: "hybrid", the
-        published weights; "general"), or None for the default bundled model. device: "auto" (the GPU when one
+        published weights), or None for the default bundled model. device: "auto" (the GPU when one
         works here, else the CPU), "cpu" or "cuda"; precision: "float32", or "tf32" (TF32 tensor-core
         convolutions, GPU only). See devices.resolve_device for the errors."""
         device = resolve_device(device, precision)

@@ -2,7 +2,7 @@
 Big-FISH's automatic LoG on the real unannotated images, a 256x256 crop each (red circles), with the
 whole-image counts printed and written beside the figure (real_unannotated_counts.md).
 
-    python3 tools/real_unannotated_overlays.py --weights general --compare hybrid [--realdata DIR]
+    python3 tools/real_unannotated_overlays.py --weights RUN/best.safetensors --compare hybrid [--realdata DIR]
 """
 import argparse
 import io
@@ -36,7 +36,7 @@ def panel(crop, coords, title):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--weights", default="general")
+    parser.add_argument("--weights", required=True, help="the model to show (a file or a bundled name)")
     parser.add_argument("--compare", default="hybrid")
     parser.add_argument("--realdata", type=Path, default=default_realdata())
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "accuracy")

@@ -6,10 +6,10 @@
 #   real/        the expert-annotated real image, whole (published and general)
 #   ../real_unannotated_models.png, ../real_unannotated_counts.md
 #
-#   tools/report_general_model.sh [WEIGHTS]        (default: general; REALDATA from $DEEPSPOT_REALDATA)
+#   tools/report_general_model.sh WEIGHTS          (REALDATA from $DEEPSPOT_REALDATA, else ../shared/realdata)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-weights=${1:-general}
+weights=${1:?usage: tools/report_general_model.sh WEIGHTS (a file, or a bundled model name once shipped)}
 realdata=${DEEPSPOT_REALDATA:-../shared/realdata}
 out=docs/accuracy/general
 ds="python3 -m deepspot_napari.cli"
