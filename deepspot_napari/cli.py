@@ -161,7 +161,7 @@ class BatchReport:
         for row in self.rows:
             spots, overlay = row.targets.get("spots"), row.targets.get("overlay")
             count = _table_rows(spots) if spots is not None and spots.is_file() and row.status != "FAILED" else ""
-            seconds = "" if row.seconds is None else f"{row.seconds:.1f}"
+            seconds = "" if row.seconds is None else f"{row.seconds:.3f}"
             link = f"[{overlay.name}]({overlay.name})" if overlay is not None and overlay.is_file() else ""
             status = row.status if row.status != "FAILED" else f"FAILED: {row.detail}"
             lines.append(f"| {row.name} | {status} | {count} | {seconds} | {link} |")
