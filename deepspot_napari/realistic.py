@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from .simulate import (MIN_SIZE, _BORDER, _atomic_write_bytes, _background, _check_n_images, _check_size,
-                       _encode_tif, _spots_csv_bytes, fractal_noise, perlin_noise)
+from .simulate import (MIN_SIZE, _BORDER, _as_rng, _atomic_write_bytes, _background, _check_n_images,
+                       _check_n_spots, _check_size, _encode_tif, _rescale, _spots_csv_bytes, fractal_noise,
+                       perlin_noise)
 
 __all__ = ["BACKGROUND_KINDS", "SNR_RANGE", "SIGMA_RANGE", "RealisticImage", "realistic_image",
            "realistic_dataset", "background_without_spots", "background_sources", "split_source"]
@@ -140,8 +141,7 @@ def _cells(rng, size):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     n = int(rng.integers(1, max(2, int(size * size / 3000)) + 1))
     level = np.zeros((size, size), np.float32)
-    texture = fractal_noise(rng, (size, size), (max(size / 32, 1),) * 2, 4, 0.5)
-    texture = (texture - texture.min()) / max(float(np.ptp(texture)), 1e-6)
+    texture = _rescale(fractal_noise(rng, (size, size), (max(size / 32, 1),) * 2, 4, 0.5), 1.0)
     wobble = perlin_noise(rng, (size, size), (max(size / 64, 1),) * 2)
     for _ in range(n):
         cy, cx = rng.uniform(0, size, 2)
@@ -165,7 +165,7 @@ def _tissue(rng, size):
     fine = fractal_noise(rng, (size, size), (rng.choice([16, 32]) * size / 256,) * 2, 3, 0.5)
     c = (coarse - coarse.mean()) / max(float(coarse.std()), 1e-6)
     structure = 1 / (1 + np.exp(-rng.uniform(1, 4) * (c - rng.uniform(-1, 1))))
-    return structure * (0.7 + 0.3 * (fine - fine.min()) / max(float(np.ptp(fine)), 1e-6))
+    return structure * (0.7 + 0.3 * _rescale(fine, 1.0))
 
 
 def _real(rng, size, sources):
@@ -177,7 +177,7 @@ def _real(rng, size, sources):
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
-def _gaussian_blobs(rng, shape, centres, sigmas, amplitudes):
+def _gaussian_blobs(shape, centres, sigmas, amplitudes):
     """Sum of isotropic Gaussians (peak = amplitude) on a float64 canvas."""
     out = np.zeros(shape)
     for (y, x), s, a in zip(centres, sigmas, amplitudes):
@@ -225,8 +225,8 @@ def render_spots(shape, centres, sigma, axis_ratio, angle, amplitude):
 
 def _spot_count(rng, size, n_spots):
     if n_spots is not None:
-        lo, hi = (n_spots, n_spots) if np.isscalar(n_spots) else n_spots
-        return int(rng.integers(int(lo), int(hi) + 1))
+        lo, hi = _check_n_spots(n_spots, size)
+        return int(rng.integers(lo, hi + 1))
     if rng.random() < P_NO_SPOTS:
         return 0
     return int(round(_log_uniform(rng, *DENSITY) * size * size / 1000))
@@ -247,7 +247,7 @@ def _positions(rng, size, n, level):
         centres = pos[rng.integers(0, n, int(rng.integers(1, 7)))]
         pick = rng.choice(n, size=k, replace=False)
         pos[pick] = centres[rng.integers(0, len(centres), k)] + rng.normal(0, 1, (k, 2)) * rng.uniform(*CLUSTER_RADIUS)
-    # touching pairs: an even-numbered spot moves next to the odd one before it (the count stays n)
+    # touching pairs: an odd-numbered spot moves next to the even one before it (the count stays n)
     movers = np.flatnonzero((rng.random(n) < P_PAIR) & (np.arange(n) % 2 == 1))
     if len(movers):
         d = rng.uniform(*PAIR_DISTANCE, len(movers))
@@ -286,7 +286,7 @@ def realistic_image(rng, size=256, *, sources=(), kinds=None, n_spots=None, snr=
     kind (background_sources); kinds: the background kinds to draw from (default: all, "real" only
     with sources), with KIND_P's weights; n_spots: None (the recipe's density, none to crowded),
     an int or an inclusive (lo, hi); snr, sigma: (lo, hi) ranges (SNR log-uniform; lo == hi fixes it)."""
-    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    rng = _as_rng(rng)
     size = _check_size(size)
     if kinds is None:
         kinds = tuple(k for k in BACKGROUND_KINDS if k != "real" or len(sources))
@@ -331,14 +331,14 @@ def realistic_image(rng, size=256, *, sources=(), kinds=None, n_spots=None, snr=
     if kind != "flat":
         if rng.random() < P_BLOBS:
             k = int(rng.integers(BLOB_COUNT[0], BLOB_COUNT[1] + 1))
-            photons = photons + _gaussian_blobs(rng, photons.shape, rng.uniform(0, size, (k, 2)),
+            photons = photons + _gaussian_blobs(photons.shape, rng.uniform(0, size, (k, 2)),
                                                 rng.uniform(*BLOB_SIGMA, k), rng.uniform(*BLOB_LEVEL, k) * (bright - dark))
             extras.append("blobs")
         if rng.random() < P_GRANULES:
             k = int(round(rng.uniform(*GRANULE_DENSITY) * size * size / 1000))
             centres = rng.uniform(0, size, (k, 2))
             local = photons[np.clip(centres[:, 0].astype(int), 0, size - 1), np.clip(centres[:, 1].astype(int), 0, size - 1)]
-            photons = photons + _gaussian_blobs(rng, photons.shape, centres, rng.uniform(*GRANULE_SIGMA, k),
+            photons = photons + _gaussian_blobs(photons.shape, centres, rng.uniform(*GRANULE_SIGMA, k),
                                                 _log_uniform(rng, *GRANULE_SNR, k) * np.sqrt(local))
             extras.append("granules")
 
