@@ -751,20 +751,22 @@ class DetectWidget(Container):
         for widget in (self.scales, self.sensitivities):
             widget.visible = not peak
 
-    def _model_changed(self, *_):
-        """Another model may come with other detection defaults (Model.detection): show them."""
+    def _model_defaults(self) -> DetectionParams | None:
+        """The current model's detection defaults (Model.detection), None where its weights cannot be
+        read (a model that fails to load says so when it is used)."""
         try:
-            detection = self.holder.detection
-        except Exception:  # noqa: BLE001 - a model that fails to load says so when it is used
-            return
-        if detection != self._model_detection:
+            return self.holder.detection
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _model_changed(self, *_):
+        """Another model may come with other detection defaults: show them."""
+        defaults = self._model_defaults()
+        if defaults is not None and defaults != self._model_detection:
             self.reset_defaults()
 
     def reset_defaults(self, *_):
-        try:
-            d = self.holder.detection
-        except Exception:  # noqa: BLE001 - a model that fails to load says so when it is used
-            d = DEFAULT_DETECTION
+        d = self._model_defaults() or DEFAULT_DETECTION
         self._model_detection = d
         self.method.value, self.threshold.value, self.min_distance.value = d.method, d.threshold, d.min_distance
         self.footprint_radius.value, self.subpixel.value = d.footprint_radius, d.subpixel

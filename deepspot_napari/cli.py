@@ -399,8 +399,7 @@ def cmd_evaluate(args) -> int:
     default = model.path.resolve() == bundled_weights_path().resolve()
     methods, notes = evaluate.default_methods(params, raw=not args.no_raw, bigfish=not args.no_bigfish,
                                               weights_name=None if default else model.path.name,
-                                              bigfish_spot_radius_px=evaluate.BIGFISH_SPOT_RADIUS_PX
-                                              if args.bigfish_spot_radius is None else args.bigfish_spot_radius)
+                                              bigfish_spot_radius_px=_bigfish_radius(args))
     for note in notes:
         print(f"deepspot evaluate: {note}", file=sys.stderr)
     results = evaluate.run_evaluation(datasets, methods, model, progress=Progress("evaluate", args.quiet), notes=notes,
@@ -416,6 +415,11 @@ def cmd_evaluate(args) -> int:
     print(f"\n{sum(n for _, _, n in results.datasets)} images in {results.wall_seconds:.1f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _bigfish_radius(args) -> float:
+    from .evaluate import BIGFISH_SPOT_RADIUS_PX
+    return BIGFISH_SPOT_RADIUS_PX if args.bigfish_spot_radius is None else args.bigfish_spot_radius
 
 
 REALISTIC_REPORT = "realistic.md"
@@ -440,15 +444,14 @@ def _evaluate_realistic(args) -> int:
         if all(model.path.resolve() != m.path.resolve() for m in models):  # each model once
             models.append(model)
     # each model with its own detection defaults (Model.detection), the same overrides for all
+    detections = [dataclasses.replace(m.detection, **overrides) for m in models]
     methods = [realistic_eval.model_method(m, f"DeepSpot {m.path.stem} + fixed detector", m.path.stem.replace("deepspot_", ""),
-                                           dataclasses.replace(m.detection, **overrides)) for m in models]
-    params = ", ".join(f"{m.path.stem}: `{dataclasses.replace(m.detection, **overrides)}`" for m in models)
+                                           d) for m, d in zip(models, detections)]
+    params = ", ".join(f"{m.path.stem}: `{d}`" for m, d in zip(models, detections))
     if not args.no_bigfish:
-        if evaluate.bigfish_available():
-            methods.append(evaluate.bigfish_method(evaluate.BIGFISH_SPOT_RADIUS_PX if args.bigfish_spot_radius is None
-                                                   else args.bigfish_spot_radius))
-        else:
-            notes.append("Big-FISH row skipped: the optional package big-fish is not installed (pip install big-fish)")
+        rows, bigfish_notes = evaluate.bigfish_rows(_bigfish_radius(args))
+        methods += rows
+        notes += bigfish_notes
     peers, peer_notes = realistic_eval.peer_methods(args.peers if args.peers is not None else realistic_eval.default_peers())
     methods += peers
     notes += peer_notes

@@ -299,16 +299,16 @@ def default_methods(params: DetectionParams = DEFAULT_DETECTION, raw: bool = Tru
     """The report's rows and notes about rows that were left out; weights_name names the DeepSpot row
     (None: the bundled weights)."""
     name = None if weights_name is None else f"DeepSpot ({weights_name}) + fixed detector"
-    methods, notes = [deepspot_method(params, name)], []
-    if raw:
-        methods.append(raw_detector_method(params))
-    if bigfish:
-        if bigfish_available():
-            methods.append(bigfish_method(bigfish_spot_radius_px))
-        else:
-            notes.append("Big-FISH row skipped: the optional package big-fish is not installed "
-                         "(pip install big-fish).")
-    return methods, notes
+    methods = [deepspot_method(params, name)] + ([raw_detector_method(params)] if raw else [])
+    rows, notes = bigfish_rows(bigfish_spot_radius_px) if bigfish else ([], [])
+    return methods + rows, notes
+
+
+def bigfish_rows(spot_radius_px: float = BIGFISH_SPOT_RADIUS_PX) -> tuple[list[Method], list[str]]:
+    """The Big-FISH row, or a note saying why it is left out."""
+    if bigfish_available():
+        return [bigfish_method(spot_radius_px)], []
+    return [], ["Big-FISH row skipped: the optional package big-fish is not installed (pip install big-fish)."]
 
 
 # --------------------------------------------------------------------------------------------

@@ -146,10 +146,13 @@ class Model:
 
     `enhance` is thread-safe (calls are serialised); the GIL is released while the network runs."""
 
-    def __init__(self, network, path: Path, device: str):
+    def __init__(self, network, path: Path, device: str, metadata: dict[str, str] | None = None):
+        from .safetensors_io import read_metadata
         self._network = network
         self._core = core_module(device)
         self.path = path
+        # how the weights were made (safetensors metadata), read once with them
+        self.metadata = read_metadata(path) if metadata is None else metadata
         self.device = device
         self._lock = threading.Lock()
 
@@ -164,12 +167,6 @@ class Model:
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         return cls(core_module(device).Network(str(path), math=precision), path, device)
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The weights file's safetensors metadata (how the model was made)."""
-        from .safetensors_io import read_metadata
-        return read_metadata(self.path)
 
     @property
     def target_background(self) -> float | None:
@@ -225,7 +222,8 @@ class Model:
             from .train import BEST_WEIGHTS
             best = Path(checkpoint_dir) / BEST_WEIGHTS
             if best.is_file():
-                self.path = best
+                from .safetensors_io import read_metadata
+                self.path, self.metadata = best, read_metadata(best)
         return history
 
     def enhance(self, image, *, tile_size: int | None = DEFAULT_TILE_SIZE, batch_size: int = DEFAULT_BATCH_SIZE,

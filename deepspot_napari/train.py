@@ -487,8 +487,8 @@ def _validate(trainer, model, tiles: Sequence[_Data], areas: Sequence[_Area], ba
               detection) -> tuple[float, float, float, float]:
     """(loss, F1, precision, recall) on the validation areas, in inference mode: the loss over the
     patches tiling them; the detection scores from enhancing each whole area with the network as it
-    is now (exactly what Model.enhance would give) and detecting with `detection` (default: the
-    package's fixed detector), pooled over the areas (nearest match within 3 px)."""
+    is now (exactly what Model.enhance would give) and detecting with `detection` (fit passes the
+    model's own defaults unless told otherwise), pooled over the areas (nearest match within 3 px)."""
     from .detect import detect_spots
     from .metrics import MatchCounts, match_nearest
     from .model import Model
@@ -500,11 +500,10 @@ def _validate(trainer, model, tiles: Sequence[_Data], areas: Sequence[_Area], ba
             x, t = data.x[start:start + batch_size], data.t[start:start + batch_size]
             total += trainer.evaluate(x, t)[1][0] * len(x)
             count += len(x)
-    current = Model(trainer.to_network(), model.path, model.device)
+    current = Model(trainer.to_network(), model.path, model.device, model.metadata)
     tp = fp = fn = ambiguous = 0
     for area in areas:
-        enhanced = current.enhance(area.image)
-        spots = detect_spots(enhanced, params=detection) if detection is not None else detect_spots(enhanced)
+        spots = detect_spots(current.enhance(area.image), params=detection)
         counts = match_nearest(area.points, spots.coords)
         tp, fp, fn, ambiguous = tp + counts.tp, fp + counts.fp, fn + counts.fn, ambiguous + counts.ambiguous
     pooled = MatchCounts(tp=tp, fp=fp, fn=fn, ambiguous=ambiguous)
@@ -524,8 +523,7 @@ def annotation_gaps(model, areas: Sequence[_Area], detection=None, min_score: fl
     from scipy.spatial import cKDTree
     messages = []
     for area in areas:
-        enhanced = model.enhance(area.image)
-        spots = detect_spots(enhanced, params=detection) if detection is not None else detect_spots(enhanced)
+        spots = detect_spots(model.enhance(area.image), params=model.detection if detection is None else detection)
         strong = spots.coords[spots.score >= min_score]
         if len(strong) and len(area.points):
             strong = strong[cKDTree(area.points).query(strong, k=1)[0] > 3.0]

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspot_napari import Model  # noqa: E402
 from deepspot_napari.model import detection_from_metadata  # noqa: E402
-from deepspot_napari.safetensors_io import read_metadata, save_safetensors  # noqa: E402
+from deepspot_napari.safetensors_io import read_metadata  # noqa: E402
+from deepspot_napari.train import _save_weights  # noqa: E402
 
 
 def main():
@@ -32,12 +33,10 @@ def main():
     history, settings = state["history"], state["settings"]
     epoch = int(meta["epoch"])
     steps_per_epoch = history["steps"] // len(history["epoch"])
-    trainer = Model.load(best).make_trainer()
-    tensors = {name: trainer.get(name) for name in trainer.names}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    save_safetensors(args.out, tensors, {
-        "format": "deepspot-napari/1", "architecture": "deepspot-reference", "name": "general",
+    _save_weights(Model.load(best).make_trainer(), args.out, False, {
+        "name": "general",
         "target_background": meta["target_background"], "detection": args.detection,
         "training": json.dumps(dict(
             recipe="tools/train_general.sh: realistic recipe 6000 + hybrid/ds_var/code 600 each, 128 px crops; "

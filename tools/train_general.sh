@@ -12,7 +12,8 @@
 set -euo pipefail
 run=${1:?usage: tools/train_general.sh RUN_DIR [REALDATA_DIR]}
 realdata=${2:-${DEEPSPOT_REALDATA:-../shared/realdata}}
-sources=(unannotated/spotiflow_img_hybiss_2d.tif unannotated/ufish_sample1.tif unannotated/spotiflow_img_terra_2d.tif)
+# the real images whose quarters the benchmark tests on (realistic_eval.REAL_BACKGROUND_FILES)
+mapfile -t sources < <(python3 -c "from deepspot_napari.realistic_eval import REAL_BACKGROUND_FILES as f; print(*f, sep='\n')")
 paths=()
 for s in "${sources[@]}"; do
   [[ -f "$realdata/$s" ]] || { echo "missing real background source $realdata/$s" >&2; exit 2; }
