@@ -27,6 +27,13 @@ def _yx(points) -> np.ndarray:
     return points[:, -2:] if points.size else np.zeros((0, 2))
 
 
+def contrast_stretch(plane: np.ndarray) -> np.ndarray:
+    """uint8 grey of a 2D image stretched between its CONTRAST_PERCENTILES."""
+    plane = np.asarray(plane, np.float32)
+    low, high = np.percentile(plane, CONTRAST_PERCENTILES)
+    return (np.clip((plane - low) / max(high - low, 1e-9), 0, 1) * 255).astype(np.uint8)
+
+
 def draw_overlay(image: np.ndarray, found: np.ndarray, path: str | Path, truth: np.ndarray | None = None) -> None:
     """Writes an RGB PNG (atomically): a 2D image, or a stack's maximum projection, stretched between
     CONTRAST_PERCENTILES; the detections (coordinates whose last two columns are y, x) as red crosses,
@@ -37,8 +44,7 @@ def draw_overlay(image: np.ndarray, found: np.ndarray, path: str | Path, truth: 
     from .io import write_bytes
     image = np.asarray(image, np.float32)
     plane = image.max(axis=tuple(range(image.ndim - 2))) if image.ndim > 2 else image
-    low, high = np.percentile(plane, CONTRAST_PERCENTILES)
-    grey = (np.clip((plane - low) / max(high - low, 1e-9), 0, 1) * 255).astype(np.uint8)
+    grey = contrast_stretch(plane)
     scale = 2 if max(grey.shape) <= MAX_ENLARGED_SIDE else 1
     height, width = grey.shape[0] * scale, grey.shape[1] * scale
     lines = legend_lines(found, truth)

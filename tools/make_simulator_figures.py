@@ -13,17 +13,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspot_napari.io import read_image  # noqa: E402
+from deepspot_napari.overlay import contrast_stretch  # noqa: E402
 from deepspot_napari.realistic import background_sources, measured_snr, realistic_image  # noqa: E402
 from deepspot_napari.realistic_eval import REAL_BACKGROUND_FILES, default_realdata  # noqa: E402
 from deepspot_napari.simulate import read_spots_csv  # noqa: E402
 
 CROP = 192
 ANNOTATED = "annotated/insta_smfish_293t_tfrc"
-
-
-def stretch(a):
-    lo, hi = np.percentile(a, (0.5, 99.8))
-    return np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1)
 
 
 def main():
@@ -51,11 +47,11 @@ def main():
 
     fig, axes = plt.subplots(2, 4, figsize=(12, 6.4))
     for ax, (name, (img, _)) in zip(axes[0], reals.items()):
-        ax.imshow(stretch(img[:CROP, :CROP]), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(contrast_stretch(img[:CROP, :CROP]), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"real: {name}", fontsize=8)
     shown = [s for s in sims if len(s.spots)][:4]
     for ax, sim in zip(axes[1], shown):
-        ax.imshow(stretch(sim.image[:CROP, :CROP].astype(float)), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(contrast_stretch(sim.image[:CROP, :CROP]), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"simulated: {sim.params['kind']} {'+'.join(sim.params['extras'])} {sim.params['bits']} bit",
                      fontsize=8)
     for ax in axes.ravel():

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspot_napari import Model  # noqa: E402
 from deepspot_napari.evaluate import BIGFISH_SPOT_RADIUS_PX, Sample, bigfish_method  # noqa: E402
 from deepspot_napari.io import read_image, write_bytes  # noqa: E402
+from deepspot_napari.overlay import contrast_stretch  # noqa: E402
 from deepspot_napari.realistic_eval import default_realdata  # noqa: E402
 
 CROPS = {"spotiflow_img_hybiss_2d.tif": (128, 128), "ufish_sample1.tif": (128, 128),
@@ -23,9 +24,7 @@ CROPS = {"spotiflow_img_hybiss_2d.tif": (128, 128), "ufish_sample1.tif": (128, 1
 
 
 def panel(crop, coords, title):
-    low, high = np.percentile(crop, (0.5, 99.8))
-    grey = (np.clip((crop - low) / max(high - low, 1e-9), 0, 1) * 255).astype(np.uint8)
-    img = Image.fromarray(grey).convert("RGB").resize((512, 512), Image.NEAREST)
+    img = Image.fromarray(contrast_stretch(crop)).convert("RGB").resize((512, 512), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     for y, x in coords * 2 + 1:
         draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(255, 60, 60))
