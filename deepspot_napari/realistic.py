@@ -14,7 +14,10 @@ One image (``realistic_image``):
    authors' deformed Perlin background), ``flat`` (uniform: pure camera noise) and ``real`` (a crop of
    a real image with its spots removed, ``background_without_spots``; only when sources are given);
 2. optional, each at random: an illumination gradient, out-of-focus haze (large blurred blobs),
-   autofluorescent granules and blobs larger than a spot (sigma >= 3 px: not spots, not annotated);
+   autofluorescent granules and blobs larger than a spot (sigma >= 3 px), bright cell outlines
+   (membranes) and thin curved filaments (1-3 px wide lines), and a fine speckle at spot scale
+   (cytoplasm granularity, fainter than most spots). None of them is a spot or annotated: real
+   images are full of such structure, and a model that never saw it takes it for faint spots;
 3. photons = dark + (bright - dark) * level, the dark level and the bright/dark contrast log-uniform;
 4. spots: elliptical Gaussians (sigma, axis ratio, angle), subpixel centres, peak amplitude
    ``SNR * local noise std`` where the local noise std is that of the background at the centre
@@ -22,7 +25,10 @@ One image (``realistic_image``):
    photons), SNR log-uniform; counts from none to crowded, with clusters and touching pairs; half of
    the spots follow the background (inside cells), half anywhere;
 5. the camera: Poisson photons, gain, offset, Gaussian read noise, and an 8-, 12- or 16-bit range
-   (8-bit images are exported with a contrast stretch, as microscopy software saves them).
+   (8-bit images are exported with a contrast stretch, as microscopy software saves them); in some
+   images the noise is spatially correlated (resampled, binned or denoised exports: the real images
+   here have a lag-1 noise correlation of 0.4-0.6) and in some the columns carry a fixed offset each
+   (sCMOS column pattern, the vertical stripes of real images).
 
 Ground truth: (n, 2) float (y, x) centres in pixels, 0-based. Training targets are made by the trainer
 (train.make_training_pair), as for any annotated image.
@@ -76,6 +82,16 @@ P_GRADIENT, GRADIENT_DEPTH = 0.5, (0.2, 0.7)      # illumination falls to (1 - d
 P_HAZE, HAZE_SIGMA, HAZE_LEVEL = 0.4, (10.0, 40.0), (0.1, 0.6)
 P_GRANULES, GRANULE_DENSITY, GRANULE_SIGMA, GRANULE_SNR = 0.35, (0.05, 1.0), (3.0, 6.0), (3.0, 30.0)
 P_BLOBS, BLOB_COUNT, BLOB_SIGMA, BLOB_LEVEL = 0.25, (1, 6), (6.0, 20.0), (0.2, 1.0)
+# outlines and filaments: line width (Gaussian sigma across the line, px) and peak over the local noise std
+# (outlines: of some cells only, and broken into arcs, as membranes show in real images)
+P_MEMBRANES, P_FILAMENTS, LINE_SIGMA, LINE_SNR = 0.5, 0.25, (0.6, 1.5), (1.5, 6.0)
+P_CELL_OUTLINED = 0.6
+# speckle: smoothed white noise (sigma px) whose std is this many local noise stds, inside structure
+P_SPECKLE, SPECKLE_SIGMA, SPECKLE_LEVEL = 0.4, (0.8, 2.0), (0.3, 1.2)
+# correlated noise: the noise smoothed with a Gaussian of this sigma (px), its variance kept
+P_CORRELATED_NOISE, NOISE_CORRELATION = 0.4, (0.4, 1.0)
+# column pattern: each column's offset drawn with this std, in units of the image's median noise std
+P_COLUMN_NOISE, COLUMN_NOISE = 0.3, (0.1, 0.5)
 CELL_RADIUS = (15.0, 60.0)             # cell semi-axes (px)
 NUCLEUS_FRACTION = (0.3, 0.6)          # nucleus size relative to its cell
 NUCLEUS_LEVEL = (0.2, 1.8)             # nucleus brightness relative to the cytoplasm
@@ -138,9 +154,12 @@ def background_sources(images, part=None):
 
 
 def _cells(rng, size):
+    """The cells' level map, and their outlines (lines of peak 1 along some cells' edges, in arcs)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     n = int(rng.integers(1, max(2, int(size * size / 3000)) + 1))
     level = np.zeros((size, size), np.float32)
+    outline = np.zeros((size, size), np.float32)
+    line_sigma = rng.uniform(*LINE_SIGMA)
     texture = _rescale(fractal_noise(rng, (size, size), (max(size / 32, 1),) * 2, 4, 0.5), 1.0)
     wobble = perlin_noise(rng, (size, size), (max(size / 64, 1),) * 2)
     for _ in range(n):
@@ -157,7 +176,19 @@ def _cells(rng, size):
         brightness = rng.uniform(0.3, 1.0) * (1 - 0.5 * rng.random() * (1 - texture))
         inside = brightness * (1 + (rng.uniform(*NUCLEUS_LEVEL) - 1) * nucleus)
         level = np.maximum(level, cell * inside)
-    return level
+        if rng.random() < P_CELL_OUTLINED:
+            outline = np.maximum(outline, np.exp(-0.5 * ((d - 1) * np.sqrt(a * b) / line_sigma) ** 2))
+    arcs = np.clip(0.5 + 2 * perlin_noise(rng, (size, size), (max(size / 48, 1),) * 2), 0, 1)
+    return level, outline * arcs
+
+
+def _filaments(rng, size):
+    """Thin curved lines of peak 1: where a smooth random field crosses a level (its width kept
+    constant by dividing by the field's gradient)."""
+    field_ = perlin_noise(rng, (size, size), (max(size / rng.uniform(24, 96), 1),) * 2)
+    gy, gx = np.gradient(field_)
+    distance = (field_ - rng.uniform(-0.2, 0.2)) / np.maximum(np.hypot(gy, gx), 1e-6)
+    return np.exp(-0.5 * (distance / rng.uniform(*LINE_SIGMA)) ** 2)
 
 
 def _tissue(rng, size):
@@ -257,11 +288,23 @@ def _positions(rng, size, n, level):
 
 
 # ---- the camera -------------------------------------------------------------------------------------
-def _camera(rng, photons, gain, offset, read, bits):
+def _camera(rng, photons, gain, offset, read, bits, correlation=0.0, column=0.0):
     """ADU counts of a photon image in the given bit depth (uint8 or uint16; what saturates clips).
+    correlation: the noise (shot and read) smoothed with a Gaussian of this sigma in px, scaled back
+    to its own variance, so that each pixel's noise std is unchanged (0: white noise); column: each
+    column's offset drawn with this std, in units of the median pixel noise std (0: none).
     8 bits: the image is saved with a contrast stretch from a little below its darkest pixel to a
     little above its brightest (what most acquisition software exports)."""
-    counts = offset + gain * rng.poisson(photons) + rng.normal(0.0, read, photons.shape)
+    noise = gain * (rng.poisson(photons) - photons) + rng.normal(0.0, read, photons.shape)
+    if correlation > 0:
+        impulse = np.zeros((15, 15))
+        impulse[7, 7] = 1.0
+        noise_kept = np.sqrt(np.sum(ndi.gaussian_filter(impulse, correlation) ** 2))
+        noise = ndi.gaussian_filter(noise, correlation) / noise_kept
+    counts = offset + gain * photons + noise
+    if column > 0:
+        typical = float(np.median(np.sqrt(gain ** 2 * photons + read ** 2)))
+        counts = counts + rng.normal(0.0, column * typical, (1, photons.shape[1]))
     if bits == 8:
         lo = float(counts.min()) * rng.uniform(0.0, 1.0)
         hi = float(counts.max()) * rng.uniform(1.0, 1.25)
@@ -301,8 +344,9 @@ def realistic_image(rng, size=256, *, sources=(), kinds=None, n_spots=None, snr=
     p = np.array([KIND_P[k] for k in kinds])
     kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
 
+    outline = None
     if kind == "cells":
-        level = _cells(rng, size)
+        level, outline = _cells(rng, size)
     elif kind == "tissue":
         level = _tissue(rng, size)
     elif kind == "paper":
@@ -341,9 +385,29 @@ def realistic_image(rng, size=256, *, sources=(), kinds=None, n_spots=None, snr=
             photons = photons + _gaussian_blobs(photons.shape, centres, rng.uniform(*GRANULE_SIGMA, k),
                                                 _log_uniform(rng, *GRANULE_SNR, k) * np.sqrt(local))
             extras.append("granules")
+        lines = np.zeros_like(photons)
+        if outline is not None and rng.random() < P_MEMBRANES:
+            lines = np.maximum(lines, outline)
+            extras.append("membranes")
+        if rng.random() < P_FILAMENTS:
+            lines = np.maximum(lines, _filaments(rng, size) * (level > np.median(level)))
+            extras.append("filaments")
+        if lines.any():
+            photons = photons + rng.uniform(*LINE_SNR) * np.sqrt(photons) * lines
+        if rng.random() < P_SPECKLE:
+            speckle = ndi.gaussian_filter(rng.standard_normal(photons.shape), rng.uniform(*SPECKLE_SIGMA))
+            speckle *= rng.uniform(*SPECKLE_LEVEL) / max(float(speckle.std()), 1e-12)
+            photons = np.maximum(photons + speckle * np.sqrt(photons) * np.clip(level, 0, 1), 0.0)
+            extras.append("speckle")
 
     bits = int(rng.choice(BIT_DEPTHS, p=BIT_DEPTH_P))
     gain, offset, read = rng.uniform(*GAIN), rng.uniform(*OFFSET), rng.uniform(*READ_NOISE)
+    correlation = rng.uniform(*NOISE_CORRELATION) if rng.random() < P_CORRELATED_NOISE else 0.0
+    column = rng.uniform(*COLUMN_NOISE) if rng.random() < P_COLUMN_NOISE else 0.0
+    if correlation > 0:
+        extras.append("correlated_noise")
+    if column > 0:
+        extras.append("column_noise")
     if bits in (12, 16):  # the exposure an operator would set: the brightest background and spot fit the range
         top = float(photons.max()) + snr[1] * np.sqrt(float(photons.max()) + read ** 2) + 100
         gain = min(gain, 0.9 * (2 ** bits - 1 - offset) / top)
@@ -356,7 +420,7 @@ def realistic_image(rng, size=256, *, sources=(), kinds=None, n_spots=None, snr=
     iy, ix = np.rint(pos).astype(np.int64).T if n else (np.zeros(0, int), np.zeros(0, int))
     noise_std = np.sqrt(photons[iy, ix] + (read / gain) ** 2)
     signal = photons + render_spots(photons.shape, pos, spot_sigma, ratio, angle, spot_snr * noise_std)
-    image = _camera(rng, signal, gain, offset, read, bits)
+    image = _camera(rng, signal, gain, offset, read, bits, correlation, column)
     order = np.lexsort((pos[:, 1], pos[:, 0])) if n else np.zeros(0, int)
     params = dict(recipe="realistic", kind=kind, extras=extras, bits=bits, gain=float(gain), offset=float(offset),
                   read_noise=float(read), dark_photons=float(dark), bright_photons=float(bright), n_spots=int(n),
