@@ -27,7 +27,7 @@ One image (``realistic_image``):
 5. the camera: Poisson photons, gain, offset, Gaussian read noise, and an 8-, 12- or 16-bit range
    (8-bit images are exported with a contrast stretch, as microscopy software saves them); in some
    images the noise is spatially correlated (resampled, binned or denoised exports: the real images
-   here have a lag-1 noise correlation of 0.4-0.6) and in some the columns carry a fixed offset each
+   here have a lag-1 noise correlation of 0.25-0.45, ``noise_correlation``) and in some the columns carry a fixed offset each
    (sCMOS column pattern, the vertical stripes of real images).
 
 Ground truth: (n, 2) float (y, x) centres in pixels, 0-based. Training targets are made by the trainer
@@ -47,7 +47,8 @@ from .simulate import (MIN_SIZE, _BORDER, _as_rng, _atomic_write_bytes, _backgro
                        perlin_noise)
 
 __all__ = ["BACKGROUND_KINDS", "SNR_RANGE", "SIGMA_RANGE", "RealisticImage", "realistic_image",
-           "realistic_dataset", "background_without_spots", "background_sources", "split_source"]
+           "realistic_dataset", "background_without_spots", "background_sources", "split_source", "measured_snr",
+           "noise_correlation"]
 
 # ---- the recipe's ranges, and why ---------------------------------------------------------------------
 # SNR: peak amplitude over the local background noise std; 2 is at the edge of what an expert marks,
@@ -88,7 +89,8 @@ P_MEMBRANES, P_FILAMENTS, LINE_SIGMA, LINE_SNR = 0.5, 0.25, (0.6, 1.5), (1.5, 6.
 P_CELL_OUTLINED = 0.6
 # speckle: smoothed white noise (sigma px) whose std is this many local noise stds, inside structure
 P_SPECKLE, SPECKLE_SIGMA, SPECKLE_LEVEL = 0.4, (0.8, 2.0), (0.3, 1.2)
-# correlated noise: the noise smoothed with a Gaussian of this sigma (px), its variance kept
+# correlated noise: the noise smoothed with a Gaussian of this sigma (px), its variance kept; measured lag-1
+# correlation 0.05 (sigma 0.4) to 0.7 (sigma 1.0), around the real images' 0.25-0.45 (noise_correlation)
 P_CORRELATED_NOISE, NOISE_CORRELATION = 0.4, (0.4, 1.0)
 # column pattern: each column's offset drawn with this std, in units of the image's median noise std
 P_COLUMN_NOISE, COLUMN_NOISE = 0.3, (0.1, 0.5)
@@ -473,3 +475,22 @@ def measured_snr(image, spots, inner=4.0, outer=8.0):
             values = img[y - r:y + r + 1, x - r:x + r + 1][ring]
             out[k] = (peak[y, x] - np.median(values)) / max(float(values.std()), 1e-9)
     return out
+
+
+def noise_correlation(image, scale=3.0):
+    """The lag-1 correlation of an image's noise, the same way for real and simulated ones: the
+    image minus a Gaussian blur of `scale` px (cells, gradients and most of each spot go), then the
+    correlation of neighbouring pixels of that residual, averaged over rows and columns, over the
+    pixels within 2.5 robust standard deviations (so that spots and bright structure count little).
+    About 0 for white camera noise; 0.25-0.45 on the real images here."""
+    img = np.asarray(image, np.float64)
+    residual = img - ndi.gaussian_filter(img, scale)
+    residual -= np.median(residual)
+    spread = 1.4826 * float(np.median(np.abs(residual)))
+    if spread == 0:
+        return 0.0
+    quiet = np.abs(residual) < 2.5 * spread
+    pairs = [(residual[:, 1:], residual[:, :-1], quiet[:, 1:] & quiet[:, :-1]),
+             (residual[1:], residual[:-1], quiet[1:] & quiet[:-1])]
+    return float(np.mean([np.mean(a[m] * b[m]) / np.sqrt(np.mean(a[m] ** 2) * np.mean(b[m] ** 2))
+                          for a, b, m in pairs]))

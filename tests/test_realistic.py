@@ -99,3 +99,36 @@ def test_recipe_is_deterministic_and_checks_its_arguments(tmp_path):
     meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert len(paths) == 3 and meta["n_images"] == 3 and {m["kind"] for m in meta["images"]} <= {"cells", "tissue"}
     assert (tmp_path / "d" / "csv" / "0002.csv").read_text().startswith("y,x")
+
+
+def test_camera_noise_can_be_correlated_or_striped_and_keeps_its_variance():
+    photons = np.full((192, 192), 50.0)
+    expected_std = np.sqrt(2.0 ** 2 * 50 + 2.0 ** 2)  # gain 2, read noise 2 ADU
+    for correlation, lo, hi in ((0.0, -0.1, 0.1), (1.0, 0.55, 0.8)):
+        image = R._camera(np.random.default_rng(3), photons, 2.0, 100.0, 2.0, 16, correlation).astype(float)
+        assert abs(image.std() / expected_std - 1) < 0.05  # smoothing the noise does not shrink it
+        assert lo < R.noise_correlation(image) < hi
+    striped = R._camera(np.random.default_rng(4), photons, 2.0, 100.0, 2.0, 16, column=0.5).astype(float)
+    column_std = striped.mean(axis=0).std()  # each column's mean: its offset plus noise / sqrt(192)
+    assert 0.35 * expected_std < column_std < 0.65 * expected_std
+    assert striped.mean(axis=1).std() < 0.15 * expected_std  # rows carry no pattern
+
+
+def test_structures_that_are_not_spots_are_drawn_and_thin():
+    extras = {e for s in _many(80) for e in s.params["extras"]}
+    assert {"membranes", "filaments", "speckle", "granules", "blobs", "haze", "gradient", "correlated_noise",
+            "column_noise"} <= extras
+    lines = R._filaments(np.random.default_rng(5), 256)
+    assert 0.95 < lines.max() <= 1.0
+    assert np.mean(lines > 0.5) < 0.15  # lines 1-3 px wide, not patches
+    level, outline = R._cells(np.random.default_rng(6), 256)
+    assert level.shape == outline.shape == (256, 256) and outline.max() <= 1.0
+    assert np.mean(outline > 0.5) < 0.15
+
+
+def test_noise_correlation_is_zero_for_white_noise_and_high_for_smoothed_noise():
+    rng = np.random.default_rng(8)
+    white = rng.normal(100, 5, (128, 128))
+    assert abs(R.noise_correlation(white)) < 0.05
+    assert R.noise_correlation(ndi.gaussian_filter(white, 1.0)) > 0.5
+    assert R.noise_correlation(np.full((64, 64), 7.0)) == 0.0
