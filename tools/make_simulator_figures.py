@@ -1,7 +1,8 @@
 """docs/simulator_montage.png and docs/simulator_snr.png: realistic-recipe images beside real ones at
 the same contrast (each stretched between its 0.5th and 99.8th percentiles), and the SNR histogram
 of each (realistic.measured_snr; real spots: the expert's points on the annotated image, Big-FISH's
-automatic detections on the unannotated ones; simulated spots: their ground truth).
+automatic detections on the unannotated ones; simulated spots: their ground truth); and prints the
+noise-correlation table of docs/simulator.md (realistic.noise_correlation).
 
     python3 tools/make_simulator_figures.py [--realdata DIR]   (default $DEEPSPOT_REALDATA, ../shared/realdata)
 """
@@ -14,7 +15,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspot_napari.io import read_image  # noqa: E402
 from deepspot_napari.overlay import contrast_stretch  # noqa: E402
-from deepspot_napari.realistic import background_sources, measured_snr, realistic_image  # noqa: E402
+from deepspot_napari.realistic import (_camera, background_sources, measured_snr, noise_correlation,  # noqa: E402
+                                      realistic_image)
 from deepspot_napari.realistic_eval import REAL_BACKGROUND_FILES, default_realdata  # noqa: E402
 from deepspot_napari.simulate import read_spots_csv  # noqa: E402
 
@@ -74,6 +76,13 @@ def main():
     fig.tight_layout()
     fig.savefig(args.out / "simulator_snr.png", dpi=90)
     print(f"wrote {args.out / 'simulator_montage.png'}, {args.out / 'simulator_snr.png'}")
+    print("| image | lag-1 noise correlation |\n|---|---|")
+    for name, (img, _) in reals.items():
+        print(f"| real: {name} | {noise_correlation(img):.2f} |")
+    flat = np.full((256, 256), 50.0)
+    for sigma in (0.0, 0.4, 0.7, 1.0):
+        sim = _camera(np.random.default_rng(0), flat, 2.0, 100.0, 2.0, 16, sigma)
+        print(f"| simulated, camera noise blurred by {sigma} px | {noise_correlation(sim):.2f} |")
 
 
 if __name__ == "__main__":
