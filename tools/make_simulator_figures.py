@@ -54,7 +54,7 @@ def main():
     shown = [s for s in sims if len(s.spots)][:4]
     for ax, sim in zip(axes[1], shown):
         ax.imshow(contrast_stretch(sim.image[:CROP, :CROP]), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"simulated: {sim.params['kind']} {'+'.join(sim.params['extras'])} {sim.params['bits']} bit",
+        ax.set_title(f"simulated: {sim.params['kind']}, {sim.params['bits']} bit\n{', '.join(sim.params['extras'])}",
                      fontsize=8)
     for ax in axes.ravel():
         ax.axis("off")
