@@ -573,7 +573,7 @@ def cmd_train(args) -> int:
                                 batch_norm=args.batch_norm, simulate=args.simulate, validation=validation,
                                 target_background=args.target_background, patch_size=args.patch_size,
                                 from_scratch=args.from_scratch, bn_bessel=args.bn_bessel, progress=progress,
-                                on_epoch=print_epoch)
+                                check_annotations=not args.no_annotation_check, on_epoch=print_epoch)
         except ResumeMismatch as exc:
             raise ValueError(f"cannot --resume the run in {out}: it was made with other settings or data "
                              f"({exc.differences}); give the same ones as then, or write to another folder "
@@ -803,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what picks the best epoch: the validation loss (default) or the validation detection F1")
     p.add_argument("--no-augment", action="store_true",
                    help="no random rotations, flips and background offsets of the training crops")
+    p.add_argument("--no-annotation-check", action="store_true",
+                   help="skip the check for incomplete annotations before training (it enhances every training "
+                        "image once; simulated data are complete by construction)")
     p.add_argument("--batch-norm", default=None, choices=("frozen", "batch"),
                    help="frozen: batch norm keeps its moving statistics in training (the default when fine-tuning "
                         "on the CPU); batch: Keras' batch statistics (the default from scratch and on the GPU)")

@@ -40,4 +40,4 @@ resume=()
 exec $ds train "$data/train_realistic" "$data/train_hybrid" "$data/train_ds_var" "$data/train_code" \
     --validation "$data/val_realistic" "$data/val_hybrid" \
     -o "$run/train" "${resume[@]}" --weights "$start_weights" --epochs 60 --patience 12 --patch-size 128 --batch-size 8 \
-    --learning-rate 1e-4 --target-background 0.5 --seed 0 -q
+    --learning-rate 1e-4 --target-background 0.5 --seed 0 --no-annotation-check -q
