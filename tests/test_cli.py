@@ -328,3 +328,17 @@ def test_train_prints_each_epoch_resumes_after_an_interruption_and_the_weights_r
                  "-q"]) == 0
     assert main(["train", "-o", str(tmp_path / "empty"), "--epochs", "1"]) == 2
     assert "nothing to train on" in capsys.readouterr().err
+
+
+def test_train_warns_of_incomplete_annotations_unless_the_check_is_skipped(tmp_path, capsys):
+    sim = tmp_path / "sim"
+    assert main(["simulate", str(sim), "-n", "1", "--recipe", "hybrid", "--size", "128", "--spots", "60", "60"]) == 0
+    csv = sim / "csv" / "0000.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(lines[:1] + lines[1::3]) + "\n")  # two spots in three left unmarked
+    common = ["train", str(sim), "--epochs", "1", "--batch-size", "2", "--patch-size", "64", "--validation-split", "0.25",
+              "-q"]
+    assert main([*common, "-o", str(tmp_path / "checked")]) == 0
+    assert "strong spots there that have no annotation" in capsys.readouterr().err
+    assert main([*common, "-o", str(tmp_path / "unchecked"), "--no-annotation-check"]) == 0
+    assert "strong spots there that have no annotation" not in capsys.readouterr().err
