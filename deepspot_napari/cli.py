@@ -492,6 +492,7 @@ def _evaluate_finetune(args, datasets) -> int:
     from . import evaluate
     from . import finetune_protocol as protocol
     from .io import write_bytes
+    from .model import DEFAULT_MODEL
     if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
         raise ValueError("--seeds and --epochs must be at least 1")
     # the report names an image by its data set, and by its file too where the set has several
@@ -506,7 +507,7 @@ def _evaluate_finetune(args, datasets) -> int:
     runs = protocol.run_protocol(samples, weights, seeds=range(args.seeds), device=device,
                                  bigfish=not args.no_bigfish, **({} if args.epochs is None else {"epochs": args.epochs}),
                                  log=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)))
-    start = weights.name if weights is not None else "the bundled weights (deepspot_hybrid)"
+    start = weights.name if weights is not None else f"the bundled weights ({DEFAULT_MODEL})"
     settings = "its defaults" if args.epochs is None else f"its defaults but at most {args.epochs} epochs"
     text = protocol.markdown(runs, [f"Starting weights: `{start}`; device {device}; Model.fit with {settings}; "
                                     f"seeds 0..{args.seeds - 1}. Made by `deepspot evaluate --finetune`."])

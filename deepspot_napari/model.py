@@ -15,10 +15,10 @@ from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .devices import core_module, resolve_device
 from .images import as_image_stack, scale_plane
 
-# The models shipped in weights/, by the name Model.load, --weights and the widgets' menu take (the
-# general model trained here joins them when it passes its benchmark: docs/training.md).
-BUNDLED_MODELS = {"hybrid": "deepspot_hybrid.safetensors"}
-DEFAULT_MODEL = "hybrid"
+# The models shipped in weights/, by the name Model.load, --weights and the widgets' menu take: the
+# general model trained here (the default; weights/README.md) and the authors' published one.
+BUNDLED_MODELS = {"general": "deepspot_general.safetensors", "hybrid": "deepspot_hybrid.safetensors"}
+DEFAULT_MODEL = "general"
 BUNDLED_WEIGHTS = BUNDLED_MODELS[DEFAULT_MODEL]
 SIZE_MULTIPLE = 8  # three stride-2 stages down and up
 # Windows of 768 px, one at a time: on a 2048x2048 image the fastest setting measured (4.2 s against

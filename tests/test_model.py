@@ -15,7 +15,7 @@ GOLDEN = Path(__file__).parent / "data" / "golden_tf.npz"
 
 @pytest.fixture(scope="module")
 def model():
-    return Model.load()
+    return Model.load("hybrid")  # the published weights: the golden TensorFlow outputs are theirs
 
 
 @pytest.fixture(scope="module")
