@@ -5,7 +5,7 @@ DetectionParams fields, from tools/choose_detection_defaults.py), and each run's
 images and wall time (from its state.json). Several runs: each one fine-tuned the previous one's best
 weights (train_general.sh's START_WEIGHTS), the first one the published weights.
 
-    python3 tools/ship_general_model.py /work/runs/general/train /work/runs/general2/train \
+    python3 tools/ship_general_model.py runs/general/train runs/general2/train \
         --notes "recipe v1 (commit 13bec46)" "recipe v2 (docs/simulator.md)" --detection '{"threshold": 0.6}'
 """
 import argparse
