@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Inference speed of our C core (oneDNN) against the original model in TensorFlow and in ONNX
 Runtime, in one run on the same machine: ms per 256x256 patch at batch 1 and 8, and per
-2048x2048 image, with the achieved GFLOP/s (23.2 GFLOP per 256x256 forward, REFERENCE_MODEL 1.6).
+2048x2048 image, with the achieved GFLOP/s (23.2 GFLOP per 256x256 forward, docs/reference_model.md section 1.6).
 
 Each framework is measured in its own child process, one after the other, so that their thread
 pools never compete for the cores. Needs TensorFlow, tf2onnx and onnxruntime (benchmark-only

@@ -2,7 +2,7 @@
 on the same architecture (benchmarks/bench_gpu.py). A benchmark-only file: the package never imports
 PyTorch.
 
-The wiring is that of tests/reference.py `deepspot_logits` (REFERENCE_MODEL.md section 1), with its
+The wiring is that of tests/reference.py `deepspot_logits` (docs/reference_model.md section 1), with its
 TF 'same' padding (`reference.same_padding`): symmetric padding is the convolution's own, the
 asymmetric 0-before/1-after padding of the stride-2 convolutions and max-pools is F.pad (with -inf for
 the pools), and a stride-2 transposed conv is computed whole and cropped by the same padding
@@ -204,7 +204,7 @@ class DeepSpotTorch(nn.Module):
 
     def flops(self, height: int, width: int) -> int:
         """FLOPs of one forward on one image: 2 * k * k * Cin * Cout * Hout * Wout per convolution,
-        transposed convolutions counted by their input side (REFERENCE_MODEL 1.6). Runs a copy of
+        transposed convolutions counted by their input side (docs/reference_model.md section 1.6). Runs a copy of
         the model on PyTorch's meta device (no compute)."""
         meta = copy.deepcopy(self).to("meta").eval()
         _Counter.flops = 0

@@ -43,7 +43,8 @@ from .io import write_bytes
 from .model import (BUNDLED_WEIGHTS, DEFAULT_MODEL, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_models,
                     bundled_weights_path, detection_defaults)
 from ._reader_writer import points_layer_kwargs
-from .train import DEFAULT_EPOCHS, DEFAULT_PATIENCE, IncompleteAnnotationWarning
+from .train import (DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULT_PATIENCE, DEFAULT_TRAINING_BATCH_SIZE,
+                    DEFAULT_VALIDATION_SPLIT, IncompleteAnnotationWarning, check_fit_options, stack_training_pairs)
 
 
 class UserError(Exception):
@@ -88,8 +89,9 @@ def device_choices() -> list[str]:
 class CurrentModel:
     """The model that the Enhance, Detect and Train widgets of one viewer share.
 
-    `get()` loads the weights (`path`; None: the bundled ones) on `device` with `precision` on first
-    use (thread-safe, callable from workers); `load` replaces the model when any of the three changes.
+    `get()` takes the weights (`path`; None: the bundled ones) on `device` with `precision` from the
+    API's model cache (Model.cached) on first use (thread-safe, callable from workers); `load`
+    replaces the model when any of the three changes.
     `version` changes whenever the model does (other weights, device or precision, fine-tuning), so
     cached results made with the former one are recomputed."""
 
@@ -109,7 +111,7 @@ class CurrentModel:
     def get(self) -> Model:
         with self._lock:
             if self._model is None:
-                self._model = Model.load(self.path or self.bundled, device=self.device, precision=self.precision)
+                self._model = Model.cached(self.path or self.bundled, device=self.device, precision=self.precision)
             return self._model
 
     def load(self, path: str | Path | None = None, device: str | None = None, precision: str | None = None,
@@ -121,10 +123,10 @@ class CurrentModel:
         bundled = bundled or self.bundled
         if path is not None:
             path = _chosen_file(path, "choose a .safetensors weights file first")
-            model = Model.load(path, device=device, precision=precision)
+            model = Model.cached(path, device=device, precision=precision)
             label = path.name
         else:
-            model = Model.load(bundled, device=device, precision=precision)
+            model = Model.cached(bundled, device=device, precision=precision)
             label = f"bundled {bundled} ({model.path.name})"
         with self._lock:
             self.device, self.precision, self.bundled = device, precision, bundled
@@ -147,8 +149,8 @@ class CurrentModel:
         return model.detection if model is not None else detection_defaults(path)
 
     def copy(self) -> Model:
-        """A new Model with the current weights (what Train fine-tunes, so that Enhance and Detect
-        can go on with the current model meanwhile)."""
+        """A new Model with the current weights, not the shared cached one (what Train fine-tunes, so
+        that Enhance and Detect can go on with the current model meanwhile)."""
         with self._lock:
             path, device, precision = self.path or self.bundled, self.device, self.precision
         return Model.load(path, device=device, precision=precision)
@@ -654,26 +656,8 @@ class EnhanceWidget(Container):
 
 
 # ----------------------------------------------------------------------------- Detect
-STACK_MODES = {"z-stack (merge spots across planes)": "zstack", "independent planes (time series)": "planes"}
-
-
-def _detect_nd(enhanced: np.ndarray, raw: np.ndarray, params: DetectionParams, mode: str, cancelled):
-    """Detects spots in an array of any dimension >= 2: 2D as is; the last three axes as a z-stack
-    (mode "zstack") or each (Y, X) plane on its own ("planes"), for every index of the leading axes.
-    Returns (coords (n, ndim), table of features)."""
-    ndim = enhanced.ndim
-    unit = 3 if (mode == "zstack" and ndim >= 3) else 2
-    coords, columns = [], {"score": [], "intensity": [], "size": []}
-    for index in (np.ndindex(*enhanced.shape[:ndim - unit]) if ndim > unit else [()]):
-        if cancelled():
-            raise Cancelled("detection cancelled")
-        spots = detect_spots(np.asarray(enhanced[index]), raw=np.asarray(raw[index]), params=params)
-        lead = np.broadcast_to(np.asarray(index, dtype=float), (len(spots), len(index)))
-        coords.append(np.concatenate([lead, spots.coords], axis=1))
-        for name in columns:
-            columns[name].append(getattr(spots, name))
-    return (np.concatenate(coords).reshape(-1, ndim),
-            {name: np.concatenate(values).astype(float) for name, values in columns.items()})
+# the stack menu: its labels and detect_spots' stack modes
+STACK_CHOICES = {"z-stack (merge spots across planes)": "zstack", "independent planes (time series)": "planes"}
 
 
 class DetectWidget(Container):
@@ -686,7 +670,7 @@ class DetectWidget(Container):
         self.image = _layer_combo(napari_viewer, Image, "image")
         self.enhance_first = CheckBox(text="Enhance first (with the current model)", value=True)
         self.model_panel = ModelPanel(self.holder)
-        self.stack_mode = ComboBox(label="stacks", choices=list(STACK_MODES), visible=False)
+        self.stack_mode = ComboBox(label="stacks", choices=list(STACK_CHOICES), visible=False)
         d = DEFAULT_DETECTION
         self.method = ComboBox(label="method", choices=list(METHODS), value=d.method)
         self.threshold = FloatSpinBox(label="threshold", value=d.threshold, min=0.0, max=1.0, step=0.005,
@@ -812,7 +796,7 @@ class DetectWidget(Container):
         if self.task is not None and self.task.running:
             raise UserError("a detection is already running: cancel it first")
         params = self.params()
-        mode = STACK_MODES[self.stack_mode.value]
+        mode = STACK_CHOICES[self.stack_mode.value]
         enhance = bool(self.enhance_first.value)
         state = _enhanced_state(layer)
         if enhance and state is not None:
@@ -835,7 +819,7 @@ class DetectWidget(Container):
             enhanced_source = out.data
             if planes:  # enhance what is not cached, into the "<name> enhanced" layer
                 writer = _PlaneWriter(out, state)
-                work_enhance = (writer, _enhance_planes_work(self.holder, raw, planes, 512))
+                work_enhance = (writer, _enhance_planes_work(self.holder, raw, planes, DEFAULT_TILE_SIZE))
         else:
             enhanced_source = _full_resolution(layer)
             if state is None:
@@ -860,7 +844,8 @@ class DetectWidget(Container):
                         enhanced[index] = result
             else:
                 enhanced = np.asarray(enhanced_source, dtype=np.float32)
-            return _detect_nd(enhanced, np.asarray(raw), params, mode, cancelled)
+            spots = detect_spots(enhanced, np.asarray(raw), params=params, stack=mode, cancel=cancelled)
+            return spots.coords, {name: getattr(spots, name) for name in ("score", "intensity", "size")}
 
         def partial(item):
             if item[0] == "plane" and work_enhance is not None:
@@ -961,10 +946,9 @@ def area_rectangles(shapes: Shapes, image: Image) -> list[tuple[int, int, int, i
 
 def training_pairs(pairs: list[tuple]) -> tuple[list[np.ndarray], list[np.ndarray], list | None]:
     """(images, points, regions) for Model.fit from (image, points[, area]) layer tuples: 2D planes
-    with their (y, x) points and, where an area (Shapes) layer is given, the rectangles where every
-    spot was marked (None: the whole plane). A stack's points are split by plane (rounded leading
-    coordinates); only planes with at least one point are used, since an unannotated plane of a
-    partly annotated stack would teach "no spots here"; an area applies to each of its planes."""
+    with their (y, x) points (a stack split by train.stack_training_pairs: its annotated planes)
+    and, where an area (Shapes) layer is given, the rectangles where every spot was marked (None:
+    the whole plane); an area applies to each plane of its stack."""
     if not pairs:
         raise UserError("add at least one pair of an image layer and the Points layer annotating it")
     images, points, regions = [], [], []
@@ -982,18 +966,10 @@ def training_pairs(pairs: list[tuple]) -> tuple[list[np.ndarray], list[np.ndarra
         seen.add((id(image), id(pts), id(area)))
         coords = points_in_image(pts, image)
         rectangles = area_rectangles(area, image) if area is not None else None
-        data = _full_resolution(image)
-        if data.ndim == 2:
-            images.append(np.asarray(data))
-            points.append(coords)
-            regions.append(rectangles)
-            continue
-        lead = np.clip(np.round(coords[:, :-2]), 0, np.asarray(data.shape[:-2]) - 1).astype(int)
-        for index in sorted(set(map(tuple, lead))):
-            mask = np.all(lead == np.asarray(index), axis=1)
-            images.append(np.asarray(data[index]))
-            points.append(coords[mask][:, -2:])
-            regions.append(rectangles)
+        plane_images, plane_points = stack_training_pairs(_full_resolution(image), coords)
+        images += plane_images
+        points += plane_points
+        regions += [rectangles] * len(plane_images)
     if sum(len(p) for p in points) == 0:
         raise UserError("the Points layers hold no points: annotate spots first (Points layer, add mode), or run "
                         "Detect and correct its result")
@@ -1127,9 +1103,10 @@ class TrainWidget(Container):
         self.epochs = SpinBox(label="epochs", value=DEFAULT_EPOCHS, min=1, max=10000,
                               tooltip="at most this many epochs; training stops early when the validation loss has "
                                       f"not improved for {DEFAULT_PATIENCE} epochs")
-        self.batch_size = SpinBox(label="batch size", value=8, min=1, max=256)
-        self.learning_rate = LineEdit(label="learning rate", value="1e-4")
-        self.validation_split = FloatSpinBox(label="validation split", value=0.2, min=0.0, max=0.9, step=0.05,
+        self.batch_size = SpinBox(label="batch size", value=DEFAULT_TRAINING_BATCH_SIZE, min=1, max=256)
+        self.learning_rate = LineEdit(label="learning rate", value=f"{DEFAULT_LEARNING_RATE:g}")
+        self.validation_split = FloatSpinBox(label="validation split", value=DEFAULT_VALIDATION_SPLIT, min=0.0,
+                                              max=0.9, step=0.05,
                                               tooltip="held out for validation (early stopping on its loss; its "
                                                       "detection F1 is shown too): a strip along one edge of "
                                                       "each annotated image or area, or whole images when 5 or "
@@ -1177,12 +1154,10 @@ class TrainWidget(Container):
 
     def _learning_rate(self) -> float:
         try:
-            value = float(str(self.learning_rate.value).strip())
+            return float(str(self.learning_rate.value).strip())
         except ValueError:
-            raise UserError(f"learning rate '{self.learning_rate.value}' is not a number (e.g. 1e-4)") from None
-        if not (0 < value < 1):
-            raise UserError(f"learning rate must be between 0 and 1, got {value:g}")
-        return value
+            raise UserError(f"learning rate '{self.learning_rate.value}' is not a number "
+                            f"(e.g. {DEFAULT_LEARNING_RATE:g})") from None
 
     @_guarded("Train")
     def train(self, *_):
@@ -1192,10 +1167,10 @@ class TrainWidget(Container):
             raise UserError("a training is already running: cancel it first")
         images, points, regions = training_pairs(self.selected_pairs())
         learning_rate = self._learning_rate()
-        if not hasattr(Model, "fit"):
-            raise UserError("this version of deepspot-napari has no Model.fit: training is not available")
         epochs, batch_size = int(self.epochs.value), int(self.batch_size.value)
         validation_split = float(self.validation_split.value)
+        check_fit_options(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                          validation_split=validation_split)  # fit's rules, before the run starts
         holder = self.holder
         base = holder.label
         trainee = holder.copy()  # Enhance and Detect keep the current model meanwhile

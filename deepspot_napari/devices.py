@@ -61,7 +61,7 @@ def probe(device: str) -> tuple[bool, str]:
 def _self_test(module: ModuleType) -> None:
     """Raises RuntimeError unless `module` computes what the CPU module computes on a small fixed input."""
     import numpy as np
-    from .model import bundled_weights_path
+    from .bundled import bundled_weights_path
     weights = str(bundled_weights_path())
     x = np.random.default_rng(20221111).random((1, 64, 64, 1), dtype=np.float32)
     try:

@@ -3,9 +3,9 @@
 The tasks are the files of a batch (small images, each processed whole by one worker) and the
 blocks of large images (large.extrema_task and large.block_task, whose results the client puts
 together exactly as a local run does, see large.run_blocks). Dask schedules them; nothing here
-is a scheduler. Each worker process loads a model once (`worker_model`, a cache keyed by the
-weights file, the device and the precision, with Model.load on the worker's machine: "auto" is
-each worker's own GPU when it has a working one) and keeps it for every later task. Workers read
+is a scheduler. Each worker process loads a model once (Model.cached, keyed by the weights file,
+the device and the precision, loaded on the worker's machine: "auto" is each worker's own GPU when
+it has a working one) and keeps it for every later task. Workers read
 the inputs and write Zarr outputs by path, so a cluster spanning machines needs a shared file
 system with the same paths; spots, small images' outputs and TIFF outputs of large images go
 through the client.
@@ -17,30 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .io import MissingDependency, image_shape
 from .large import FileJob, block_grid, blocked_size, process_file
-
-_MODELS: dict = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def worker_model(weights: str | None = None, device: str = "auto", precision: str = "float32"):
-    """The model for `weights` (None: the bundled one) on `device` with `precision` (see Model.load),
-    loaded once per process and kept."""
-    from .model import Model, bundled_weights_path
-    path = Path(weights).resolve() if weights is not None else bundled_weights_path()
-    stat = path.stat() if path.is_file() else None
-    key = (str(path), device, precision, stat and (stat.st_mtime_ns, stat.st_size))
-    with _MODELS_LOCK:
-        model = _MODELS.get(key)
-        if model is None:
-            model = _MODELS[key] = Model.load(path, device=device, precision=precision)
-        return model
-
 
 def _distributed():
     try:

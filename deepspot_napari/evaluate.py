@@ -1,4 +1,4 @@
-"""Accuracy evaluation against annotated spots, the paper's way (REFERENCE_MODEL.md section 4).
+"""Accuracy evaluation against annotated spots, the paper's way (docs/reference_model.md section 4).
 
 For every image of every data set, and for every method (a row of the report: DeepSpot with the
 fixed detector, the same detector on the raw image, Big-FISH), this computes:

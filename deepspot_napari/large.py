@@ -36,7 +36,7 @@ import numpy as np
 
 from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .model import (DECODER_HALO_CELLS, DEFAULT_BATCH_SIZE, DEFAULT_TILE_SIZE, ENCODER_HALO_PX, SIZE_MULTIPLE,
-                    TRUNK_HALO_CELLS, Cancelled, detection_defaults)
+                    TRUNK_HALO_CELLS, Cancelled, Model, detection_defaults)
 
 RECEPTIVE_FIELD_PX = ENCODER_HALO_PX + (TRUNK_HALO_CELLS + DECODER_HALO_CELLS) * SIZE_MULTIPLE  # 192
 HALO_PX = 256
@@ -208,8 +208,7 @@ def block_task(spec: BlockSpec, core: Core) -> BlockResult:
     into spec.target when one is given; returns the core's spots in whole-image coordinates."""
     model = spec.model
     if spec.enhance and model is None:
-        from .distributed import worker_model
-        model = worker_model(spec.weights, spec.device, spec.precision)
+        model = Model.cached(spec.weights, device=spec.device, precision=spec.precision)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(_Opened(spec.source))
         raw_source = stack.enter_context(_Opened(spec.raw))
@@ -522,8 +521,7 @@ def process_file(job: FileJob, model=None, progress: Callable[[int, int], None] 
     pure noise (images.unlikely_input) gets an UnlikelyInputWarning. Small images go through memory (Model.enhance,
     Model.detect), Zarr and large ones through run_blocks. mapper: see run_blocks (Dask)."""
     if job.enhance and model is None and mapper is None:
-        from .distributed import worker_model
-        model = worker_model(job.weights, job.device, job.precision)
+        model = Model.cached(job.weights, device=job.device, precision=job.precision)
     block_size = blocked_size(job.path, job.block_size)
     if block_size is None:
         return _process_in_memory(job, model, progress, cancel)

@@ -1,4 +1,4 @@
-"""Detection metrics against annotated spot positions (REFERENCE_MODEL.md section 4).
+"""Detection metrics against annotated spot positions (docs/reference_model.md section 4).
 
 Three ways to pair annotations with detections, all at a distance cutoff (inclusive, in pixels):
 * match_nearest: the paper's protocol. Each annotation takes its nearest detection within the

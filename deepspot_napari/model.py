@@ -11,35 +11,19 @@ from typing import Callable
 
 import numpy as np
 
+# the bundled models' names and files are part of this API
+from .bundled import (BUNDLED_MODELS, BUNDLED_WEIGHTS, DEFAULT_MODEL, bundled_models,  # noqa: F401
+                      bundled_weights_path, weights_path)
 from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
 from .devices import core_module, resolve_device
+from .errors import Cancelled
 from .images import as_image_stack, scale_plane
 
-# The models shipped in weights/, by the name Model.load, --weights and the widgets' menu take: the
-# general model trained here (the default; weights/README.md) and the authors' published one.
-BUNDLED_MODELS = {"general": "deepspot_general.safetensors", "hybrid": "deepspot_hybrid.safetensors"}
-DEFAULT_MODEL = "general"
-BUNDLED_WEIGHTS = BUNDLED_MODELS[DEFAULT_MODEL]
 SIZE_MULTIPLE = 8  # three stride-2 stages down and up
 # Windows of 768 px, one at a time: on a 2048x2048 image the fastest setting measured (4.2 s against
 # 5.0 s for 512 px windows in batches of 4) and the smaller peak memory (0.8 against 1.1 GiB).
 DEFAULT_TILE_SIZE = 768
 DEFAULT_BATCH_SIZE = 1
-
-
-class Cancelled(Exception):
-    """Raised when a long operation is stopped through its `cancel` argument."""
-
-
-def bundled_weights_path(name: str = BUNDLED_WEIGHTS) -> Path:
-    """The weights shipped with the package (installed next to it; the source tree's weights/ in a
-    checkout): a file name, or a model name of BUNDLED_MODELS."""
-    name = BUNDLED_MODELS.get(name, name)
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "weights" / name, here.parent / "weights" / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"bundled weights '{name}' not found next to the package ({here / 'weights'})")
 
 
 def detection_from_metadata(metadata: dict[str, str]) -> DetectionParams:
@@ -64,33 +48,15 @@ def detection_defaults(weights: str | Path | None) -> DetectionParams:
     return detection_from_metadata(read_metadata(weights_path(weights)))
 
 
-def weights_path(weights: str | Path | None) -> Path:
-    """The file of a weights argument: a path, a bundled model's name (BUNDLED_MODELS; a file of
-    that name in the working folder wins), or None for the default bundled model."""
-    if weights is None or (isinstance(weights, str) and weights in BUNDLED_MODELS and not Path(weights).is_file()):
-        return bundled_weights_path(DEFAULT_MODEL if weights is None else weights)
-    return Path(weights)
-
-
-def bundled_models() -> list[str]:
-    """The names of BUNDLED_MODELS whose weights are installed, the default first."""
-    names = [DEFAULT_MODEL] + [n for n in BUNDLED_MODELS if n != DEFAULT_MODEL]
-    available = []
-    for name in names:
-        try:
-            bundled_weights_path(name)
-        except FileNotFoundError:
-            continue
-        available.append(name)
-    return available
-
-
 # Receptive-field radius of each stage at its own input resolution, rounded up: a window this
 # much larger than the part kept from it computes that part exactly as a whole-image pass would.
 ENCODER_HALO_PX = 32    # CASO: the atrous path reaches about 21 px
 TRUNK_HALO_CELLS = 16   # 13 blocks with one 3x3 conv each, at 1/8 resolution
 DECODER_HALO_CELLS = 4  # three up-blocks: about 2 cells at 1/8 resolution
 ENCODER, TRUNK, DECODER = 0, 1, 2
+
+_CACHE: dict = {}  # Model.cached's models
+_CACHE_LOCK = threading.Lock()
 
 
 def _windows(length: int, window: int, halo: int) -> list[tuple[int, int, int, int]]:
@@ -155,6 +121,7 @@ class Model:
         self.metadata = read_metadata(path) if metadata is None else metadata
         self.device = device
         self._lock = threading.Lock()
+        self.shared = False  # Model.cached's: used by others, so never changed in place
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto", precision: str = "float32") -> "Model":
@@ -167,6 +134,22 @@ class Model:
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         return cls(core_module(device).Network(str(path), math=precision), path, device)
+
+    @classmethod
+    def cached(cls, weights: str | Path | None = None, *, device: str = "auto", precision: str = "float32") -> "Model":
+        """Model.load's model, loaded once per process and then shared by every caller (the napari
+        widgets, batches of files, each Dask worker): keyed by the weights file (with its modification
+        time and size, so a rewritten file is loaded again), the device and the precision. enhance and
+        detect are thread-safe; fit refuses a shared model (fit a Model.load one)."""
+        path = weights_path(weights).resolve()
+        stat = path.stat() if path.is_file() else None
+        key = (str(path), device, precision, stat and (stat.st_mtime_ns, stat.st_size))
+        with _CACHE_LOCK:
+            model = _CACHE.get(key)
+            if model is None:
+                model = _CACHE[key] = cls.load(path, device=device, precision=precision)
+                model.shared = True
+            return model
 
     @property
     def target_background(self) -> float | None:
@@ -212,6 +195,9 @@ class Model:
         running meanwhile finishes with the old one) and stays on this model's device and
         precision; with a checkpoint_dir, `path` becomes its best.safetensors."""
         from .train import fit as train_fit
+        if self.shared:
+            raise ValueError("this model is shared (Model.cached): fine-tune a model of your own, "
+                             "Model.load(model.path, device=model.device, precision=model.precision)")
         kwargs.pop("return_trainer", None)
         history, trainer = train_fit(self, images, points, return_trainer=True, **kwargs)
         network = trainer.to_network()
@@ -235,8 +221,8 @@ class Model:
         Each plane is divided by its own maximum (the reference scaling) and mirror-padded to a
         multiple of 8. Large planes are processed in windows of tile_size pixels, stage by stage
         (encoder, trunk, decoder), each window carrying a halo as wide as the stage's receptive
-        field: the result equals a whole-plane pass (tile_size=None) while memory stays bounded by
-        the window size. max_value replaces each plane's maximum in the scaling (for a block of a
+        field: the result equals a whole-plane pass (tile_size=None) to float32 rounding while memory
+        stays bounded by the window size. max_value replaces each plane's maximum in the scaling (for a block of a
         larger image, pass the whole image's maximum). Returns float32 in [0, 1] of the input's shape. progress(done, total) is
         called after each batch of windows; if cancel() returns True the run stops with Cancelled."""
         image = as_image_stack(image)
@@ -284,18 +270,20 @@ class Model:
         return out.reshape(image.shape)
 
     def detect(self, image, *, enhanced: np.ndarray | None = None, params: DetectionParams | None = None,
-               progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-               **overrides) -> Spots:
-        """Finds the spots of a 2D image (Y, X) or a z-stack (Z, Y, X): enhances it (unless its
-        enhanced version is given) and runs the detector with one fixed parameter set (`params`;
-        None: the model's own defaults, Model.detection; keyword overrides such as threshold=0.6
-        replace single fields). Intensities are sampled from `image`."""
+               stack: str = "zstack", progress: Callable[[int, int], None] | None = None,
+               cancel: Callable[[], bool] | None = None, **overrides) -> Spots:
+        """Finds the spots of a 2D image (Y, X), a z-stack (Z, Y, X) or any stack (..., Y, X):
+        enhances it (unless its enhanced version is given) and runs the detector with one fixed
+        parameter set (`params`; None: the model's own defaults, Model.detection; keyword overrides
+        such as threshold=0.6 replace single fields). Intensities are sampled from `image`.
+        stack: "zstack" (default): the last three axes are a z-stack, so (T, Z, Y, X) or (C, Z, Y, X)
+        is detected one z-stack per time point or channel; "planes": every (Y, X) plane on its own,
+        e.g. a time series (T, Y, X). Coordinates have one column per axis of `image` (see
+        detect.detect_spots)."""
         image = as_image_stack(image)
-        if image.ndim > 3:
-            raise ValueError(f"image has shape {image.shape}; detect expects a 2D image (Y, X) or a z-stack "
-                             "(Z, Y, X): call it per time point or channel")
         if enhanced is None:
             enhanced = self.enhance(image, progress=progress, cancel=cancel)
         elif np.shape(enhanced) != image.shape:
             raise ValueError(f"enhanced has shape {np.shape(enhanced)}; it must match the image's {image.shape}")
-        return detect_spots(enhanced, raw=image, params=self.detection if params is None else params, **overrides)
+        return detect_spots(enhanced, raw=image, params=self.detection if params is None else params, stack=stack,
+                            cancel=cancel, **overrides)

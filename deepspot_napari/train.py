@@ -3,7 +3,7 @@
 Every numeric step of training runs in the C core (its Trainer, on the model's device and
 precision: forward in training mode, loss, backward, Adam; csrc/train.c); this module prepares
 the data (crops, targets), splits off validation, runs the epochs, validates (loss and
-detection F1), checkpoints, resumes and stops early. REFERENCE_MODEL.md sections 2-3 give the
+detection F1), checkpoints, resumes and stops early. docs/reference_model.md sections 2-3 give the
 recipe it follows; the defaults are for fine-tuning on a user's few annotations (docs/training.md).
 
 Data: the annotated areas (whole images, or the rectangles of `regions`); each training epoch
@@ -36,9 +36,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import Cancelled
 from .safetensors_io import save_safetensors
 
-__all__ = ["fit", "History", "initial_parameters", "make_training_pair", "save_training_curves", "annotation_gaps",
+__all__ = ["fit", "check_fit_options", "stack_training_pairs", "History", "initial_parameters", "make_training_pair", "save_training_curves", "annotation_gaps",
            "IncompleteAnnotationWarning", "STATE_FILE", "BEST_WEIGHTS"]
 
 STAMP = np.array([[200, 230, 200], [230, 255, 230], [200, 230, 200]], dtype=np.float32)
@@ -54,6 +55,10 @@ MIN_PATCH = 32            # the smallest crop (and validation strip) side: 4 cel
 DEFAULT_PATCH_SIZE = 128
 DEFAULT_EPOCHS = 30
 DEFAULT_PATIENCE = 10
+DEFAULT_TRAINING_BATCH_SIZE = 8
+DEFAULT_LEARNING_RATE = 1e-4
+DEFAULT_VALIDATION_SPLIT = 0.2
+DEFAULT_DROPOUT = 0.2
 MIN_EPOCH_STEPS = 10
 WHOLE_AREA_SPLIT = 5      # from this many annotated areas on, validation holds out whole areas
 # An annotated area looks incompletely annotated when the model finds more than
@@ -141,7 +146,7 @@ def make_training_pair(image: np.ndarray, points: np.ndarray,
                        target_background: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(input, target) float32 for one image: the image divided by its maximum, and e(X): the
     3x3 STAMP at every point (where stamps overlap the larger value wins) on the input's 0..255
-    scale. target_background None: the paper's e(X) (REFERENCE_MODEL section 3: the background kept
+    scale. target_background None: the paper's e(X) (docs/reference_model.md section 3: the background kept
     as it is, the target divided by its own maximum). A level b in (0, 1]: the background scaled to
     b of the input and the target divided by 255, so that stamps are 1 and the background stays at
     most b, also without spots (with the paper's e(X) a spot-free crop's brightest pixel is a
@@ -491,7 +496,6 @@ def _validate(trainer, model, tiles: Sequence[_Data], areas: Sequence[_Area], ba
     model's own defaults unless told otherwise), pooled over the areas (nearest match within 3 px)."""
     from .detect import detect_spots
     from .metrics import MatchCounts, match_nearest
-    from .model import Model
     if not areas:
         return math.nan, math.nan, math.nan, math.nan
     total, count = 0.0, 0
@@ -500,7 +504,7 @@ def _validate(trainer, model, tiles: Sequence[_Data], areas: Sequence[_Area], ba
             x, t = data.x[start:start + batch_size], data.t[start:start + batch_size]
             total += trainer.evaluate(x, t)[1][0] * len(x)
             count += len(x)
-    current = Model(trainer.to_network(), model.path, model.device, model.metadata)
+    current = type(model)(trainer.to_network(), model.path, model.device, model.metadata)
     tp = fp = fn = ambiguous = 0
     for area in areas:
         spots = detect_spots(current.enhance(area.image), params=detection)
@@ -546,14 +550,71 @@ def _diverged(trainer) -> bool:
                    for name in trainer.names for prefix in ("", "adam.m.", "adam.v."))
 
 
-def _resolve_model(model_or_path):
-    from .model import Model
-    return model_or_path if isinstance(model_or_path, Model) else Model.load(model_or_path)
+def stack_training_pairs(stack, points) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """fit's (images, points) of an annotated stack: `stack` (..., Y, X; any array-like with a shape,
+    e.g. a Zarr or Dask array, read one plane at a time) and `points` (n, stack's ndim) positions in
+    its pixels. Each point belongs to the plane of its rounded leading coordinates; only planes with
+    at least one point are kept (an unannotated plane of a partly annotated stack would teach "no
+    spots here"), in index order, each with its points' (y, x). A 2D image is its own single pair."""
+    shape = tuple(np.shape(stack))
+    points = np.asarray(points, dtype=float)
+    if len(shape) < 2:
+        raise ValueError(f"stack has shape {shape}; expected an image (Y, X) or a stack (..., Y, X)")
+    if points.size == 0:
+        points = points.reshape(0, len(shape))
+    if points.ndim != 2 or points.shape[1] != len(shape):
+        raise ValueError(f"points have shape {points.shape}; a stack of shape {shape} needs (n, {len(shape)}) "
+                         "positions, one column per axis")
+    if len(shape) == 2:
+        return [np.asarray(stack)], [points]
+    lead = np.clip(np.round(points[:, :-2]), 0, np.asarray(shape[:-2]) - 1).astype(int)
+    images, plane_points = [], []
+    for index in sorted(set(map(tuple, lead.tolist()))):
+        in_plane = np.all(lead == np.asarray(index), axis=1)
+        images.append(np.asarray(stack[index]))
+        plane_points.append(points[in_plane][:, -2:])
+    return images, plane_points
 
 
-def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCHS, batch_size: int = 8,
-        learning_rate: float = 1e-4, validation_split: float = 0.2, seed: int = 0, max_term: str = "batch",
-        dropout: float = 0.2, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_fit_options(*, epochs: int = DEFAULT_EPOCHS, batch_size: int = DEFAULT_TRAINING_BATCH_SIZE,
+                      learning_rate: float = DEFAULT_LEARNING_RATE, validation_split: float = DEFAULT_VALIDATION_SPLIT,
+                      max_term: str = "batch", dropout: float = DEFAULT_DROPOUT, patch_size: int = DEFAULT_PATCH_SIZE,
+                      simulate: int = 0, patience: int = DEFAULT_PATIENCE, monitor: str = "loss",
+                      batch_norm: str | None = None, steps_per_epoch: int | None = None) -> None:
+    """Raises ValueError, saying what is allowed, for a fit option out of range: fit's own check,
+    for callers (the Train widget) that want to refuse bad values before starting a run."""
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (_is_number(validation_split) and 0 <= validation_split < 1):
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+    if max_term not in ("batch", "per_image", "none"):
+        raise ValueError(f"max_term must be 'batch', 'per_image' or 'none', got {max_term!r}")
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not (_is_number(learning_rate) and learning_rate > 0 and math.isfinite(learning_rate)):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    if patch_size < MIN_PATCH or patch_size % SIZE_MULTIPLE:
+        raise ValueError(f"patch_size must be a multiple of {SIZE_MULTIPLE} and at least {MIN_PATCH}, got {patch_size}")
+    if simulate < 0 or patience < 0:
+        raise ValueError("simulate and patience must be >= 0")
+    if monitor not in ("f1", "loss"):
+        raise ValueError(f"monitor must be 'f1' or 'loss', got {monitor!r}")
+    if batch_norm not in (None, "frozen", "batch"):
+        raise ValueError(f"batch_norm must be 'frozen', 'batch' or None (the default for the device), got {batch_norm!r}")
+    if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or steps_per_epoch < 1):
+        raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+
+
+def fit(model, images=(), points=(), *, epochs: int = DEFAULT_EPOCHS,
+        batch_size: int = DEFAULT_TRAINING_BATCH_SIZE, learning_rate: float = DEFAULT_LEARNING_RATE,
+        validation_split: float = DEFAULT_VALIDATION_SPLIT, seed: int = 0, max_term: str = "batch",
+        dropout: float = DEFAULT_DROPOUT, checkpoint_dir: str | os.PathLike | None = None, resume: bool = True,
         patience: int = DEFAULT_PATIENCE, progress: Callable[[int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None, simulate: int = 0, patch_size: int = DEFAULT_PATCH_SIZE,
         from_scratch: bool = False, bn_bessel: bool = False, detection=None, on_epoch: Callable[[dict], None] | None = None,
@@ -569,9 +630,9 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     background offset half of the time (augment); frozen batch norms; early stopping on the loss of
     a held-out part of the annotated area; the best epoch's weights kept.
 
-    model_or_path: a Model (training runs on its device and precision), a safetensors weights path,
-    or None for the bundled published weights (both loaded with Model.load's defaults: device "auto",
-    float32); from_scratch=True replaces them by Keras' default initialisation (seeded).
+    model: a Model (Model.load; training runs on its device and precision, and leaves it as it is:
+    Model.fit is the call that keeps the result); from_scratch=True replaces its weights by Keras'
+    default initialisation (seeded).
     regions: partial annotation. None (every image fully annotated), or one entry per image: None,
     a rectangle (y0, x0, y1, x1) (end-exclusive pixels), or a list of rectangles: only there were
     all spots marked, so only there is trained and validated (crops never leave a rectangle, so
@@ -613,31 +674,12 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
     areas lower it to their side).
     progress(done, total) after each step; cancel() -> True stops with model.Cancelled (the
     checkpoint of the last complete epoch stays valid)."""
-    from .model import Cancelled
-
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not 0 <= validation_split < 1:
-        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
-    if max_term not in ("batch", "per_image", "none"):
-        raise ValueError(f"max_term must be 'batch', 'per_image' or 'none', got {max_term!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    if not (learning_rate > 0 and math.isfinite(learning_rate)):
-        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    if patch_size < MIN_PATCH or patch_size % SIZE_MULTIPLE:
-        raise ValueError(f"patch_size must be a multiple of {SIZE_MULTIPLE} and at least {MIN_PATCH}, got {patch_size}")
-    if simulate < 0 or patience < 0:
-        raise ValueError("simulate and patience must be >= 0")
-    if monitor not in ("f1", "loss"):
-        raise ValueError(f"monitor must be 'f1' or 'loss', got {monitor!r}")
-    if batch_norm not in (None, "frozen", "batch"):
-        raise ValueError(f"batch_norm must be 'frozen', 'batch' or None (the default for the device), got {batch_norm!r}")
-    if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or steps_per_epoch < 1):
-        raise ValueError(f"steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
-
+    if not callable(getattr(model, "make_trainer", None)):
+        raise TypeError(f"fit trains a Model (deepspot_napari.Model.load(weights)), got {type(model).__name__}")
+    check_fit_options(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                      validation_split=validation_split, max_term=max_term, dropout=dropout, patch_size=patch_size,
+                      simulate=simulate, patience=patience, monitor=monitor, batch_norm=batch_norm,
+                      steps_per_epoch=steps_per_epoch)
     if target_background not in ("model", "paper") and not (
             isinstance(target_background, (int, float)) and not isinstance(target_background, bool)
             and 0 < target_background <= 1):
@@ -652,7 +694,6 @@ def fit(model_or_path=None, images=(), points=(), *, epochs: int = DEFAULT_EPOCH
         train, val = _split_validation(areas, validation_split, seed)
     patch = _patch_side(train, patch_size)
 
-    model = _resolve_model(model_or_path)
     detection = model.detection if detection is None else detection
     target = {"model": model.target_background, "paper": None}.get(target_background, target_background)
     target = None if target is None else float(target)

@@ -1,5 +1,7 @@
-"""Where the data made outside the project lives: $DEEPSPOT_REALDATA, else ../shared/realdata beside
-the repository. Tests that need it skip, saying where they looked, when it is absent."""
+"""Where the data made outside the project lives: $DEEPSPOT_REALDATA (real images), else
+../shared/realdata beside the repository, and $DEEPSPOT_PEERS (other tools' models), else
+../shared/peers. Tests that need it skip, saying what is missing, where they looked and which
+variable points elsewhere, when it is absent."""
 import os
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 REALDATA = Path(os.environ.get("DEEPSPOT_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
+PEERS = Path(os.environ.get("DEEPSPOT_PEERS", Path(__file__).resolve().parents[2] / "shared" / "peers"))
 ANNOTATED = REALDATA / "annotated" / "insta_smfish_293t_tfrc"
 
 

@@ -68,11 +68,16 @@ def same_padding(size, stride, span):
     return total // 2, total - total // 2
 
 
-def deepspot_logits(x, params, batchnorm_fn):
-    """The whole network (REFERENCE_MODEL section 1) in float64 up to the head's logits [n, h, w, 1];
+def deepspot_logits(x, params, batchnorm_fn, dropout_masks=None):
+    """The whole network (docs/reference_model.md section 1) in float64 up to the head's logits [n, h, w, 1];
     x is [n, h, w, 1] scaled to [0, 1]; params maps the safetensors names to arrays;
-    batchnorm_fn(t, name) is the BatchNorm flavour (moving or batch statistics)."""
+    batchnorm_fn(t, name) is the BatchNorm flavour (moving or batch statistics). dropout_masks:
+    training with spatial dropout, block name ("trunk.block01", "decoder.up1", ...) -> [n, channels]
+    factors (0, or 1 / (1 - rate)) for the end of that block's main path; None: no dropout."""
     p, bn = params, batchnorm_fn
+
+    def dropout(t, name):
+        return t if dropout_masks is None else t * dropout_masks[name][:, None, None, :]
 
     def conv(t, name, stride=1, dilation=1):
         k = p[name + ".weight"].shape[2]
@@ -104,23 +109,23 @@ def deepspot_logits(x, params, batchnorm_fn):
         for i in (1, 2, 3):
             h = conv(relu(bn(h, f"{name}.bn{i}")), f"{name}.conv{i}")
         shortcut = bn(conv(t, f"{name}.shortcut.conv"), f"{name}.shortcut.bn") if b == 1 else t
-        t = h + shortcut
+        t = dropout(h, name) + shortcut
     for j in (1, 2, 3):
         name = f"decoder.up{j}"
         h = relu(bn(convt(t, f"{name}.convt1", 2), f"{name}.bn1"))
         h = relu(bn(convt(h, f"{name}.convt2", 1), f"{name}.bn2"))
-        h = bn(convt(h, f"{name}.convt3", 1), f"{name}.bn3")
+        h = dropout(bn(convt(h, f"{name}.convt3", 1), f"{name}.bn3"), name)
         t = relu(h + bn(convt(t, f"{name}.shortcut.convt", 2), f"{name}.shortcut.bn"))
     return conv(t, "head.conv")
 
 
-def deepspot_logits_inference(x, params, epsilon=1e-3):
+def deepspot_logits_inference(x, params, epsilon=1e-3, dropout_masks=None):
     """The network up to the head's logits [n, h, w, 1] with BatchNorm on the moving statistics
-    (inference, and training with frozen batch norms)."""
+    (inference, and training with frozen batch norms; dropout_masks as in deepspot_logits)."""
     def bn(t, name):
         return batchnorm(t, params[name + ".gamma"], params[name + ".beta"], params[name + ".moving_mean"],
                          params[name + ".moving_variance"], epsilon)
-    return deepspot_logits(x, params, bn)
+    return deepspot_logits(x, params, bn, dropout_masks)
 
 
 def deepspot_forward(x, params, epsilon=1e-3):
@@ -141,7 +146,7 @@ def log1p_exp_neg_abs(z):
 
 
 def deepspot_loss(logits, target, bce="logits", max_term="batch"):
-    """The training loss on the head's logits [n, h, w] (REFERENCE_MODEL section 2):
+    """The training loss on the head's logits [n, h, w] (docs/reference_model.md section 2):
     mean BCE (Keras on a sigmoid output: the logits form; or the clipped-probability form) plus
     (max p - max t)^2 over the whole batch ("batch") or averaged per image ("per_image")."""
     z = np.asarray(logits, np.float64)
@@ -162,12 +167,12 @@ def deepspot_loss(logits, target, bce="logits", max_term="batch"):
     return bce_value + m
 
 
-def deepspot_logits_train(x, params, epsilon=1e-3):
-    """The whole network in training mode (batch statistics, dropout off) up to the head's logits;
-    x [n, h, w, 1]; returns [n, h, w]."""
+def deepspot_logits_train(x, params, epsilon=1e-3, dropout_masks=None):
+    """The whole network in training mode (batch statistics; dropout off, or dropout_masks as in
+    deepspot_logits) up to the head's logits; x [n, h, w, 1]; returns [n, h, w]."""
     def bn(t, name):
         return batchnorm_train(t, params[name + ".gamma"], params[name + ".beta"], epsilon)[0]
-    return deepspot_logits(x, params, bn)[..., 0]
+    return deepspot_logits(x, params, bn, dropout_masks)[..., 0]
 def numerical_gradient(f, x, eps=1e-6):
     """Central differences of the scalar f at every element of the float64 array x."""
     x = np.array(x, np.float64)

@@ -134,6 +134,32 @@ def test_relu_backward_and_add(rng):
     assert np.array_equal(_core.add(x, b), x + b)
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["trunk", "decoder"])
+def test_add_backward_hands_the_gradient_to_both_inputs(rng, relu):
+    """A residual junction as the network has them: y = [relu](conv(x) + x) (the trunk's identity
+    blocks; the decoder's with the ReLU). Its backward gives dy (through the ReLU) unchanged to both
+    inputs of the add, and x, read by both branches, sums the two gradients with _core.add: checked
+    against finite differences of the float64 reference of the whole junction."""
+    x = f32(rng.standard_normal((2, 5, 7, 3)))
+    weight = f32(rng.standard_normal((3, 3, 3, 3)) / 3)
+    bias = f32(rng.standard_normal(3))
+    dy = f32(rng.standard_normal(x.shape))
+
+    def junction(v):
+        total = ref.conv2d(v, weight, bias, 1, 1, 1, 1) + v
+        return ref.relu(total) if relu else total
+
+    y = _core.add(f32(ref.conv2d(x, weight, bias, 1, 1, 1, 1)), x)
+    assert rel_error(y, ref.conv2d(x, weight, bias, 1, 1, 1, 1) + x) <= FWD_TOL
+    d_sum = _core.relu_backward(dy, np.maximum(y, 0)) if relu else dy  # the add's output gradient
+    _, d_main, _, _ = _core.conv2d_backward(x, weight, bias, d_sum, pad_before=1, pad_after=1)
+    dx = _core.add(d_main, d_sum)  # the add gives d_sum to the conv's output and to the shortcut x
+    expected = fd(lambda v: float(np.sum(junction(v) * dy)), x)
+    assert rel_error(dx, expected) <= REL_TOL
+    # neither branch alone is the gradient: the check sees a missing half
+    assert rel_error(d_main, expected) > 0.1 and rel_error(d_sum, expected) > 0.1
+
+
 # ---------------------------------------------------------------- spatial dropout
 
 def test_spatial_dropout_masks_whole_channels_and_is_seeded(rng):

@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from deepspot_napari import _core
 from deepspot_napari.detect import DEFAULT_DETECTION, Spots, detect_spots
+from deepspot_napari.errors import Cancelled
 
 B3 = np.array([1, 4, 6, 4, 1]) / 16
 
@@ -196,7 +197,6 @@ def test_bad_images_raise():
     good = np.zeros((40, 40), np.float32)
     for bad, error, message in [
         (np.zeros(40, np.float32), ValueError, "2D"),
-        (np.zeros((2, 2, 40, 40), np.float32), ValueError, "2D"),
         (np.zeros((0, 40), np.float32), ValueError, "empty"),
         (np.zeros((40, 40), bool), TypeError, "real numbers"),
         (np.zeros((40, 40), complex), TypeError, "real numbers"),
@@ -279,3 +279,50 @@ def test_result_table_and_csv(tmp_path):
     assert lines[0] == "y,x,score,intensity,size" and len(lines) == 5
     assert [float(v) for v in lines[1].split(",")[:3]] == [10, 10, 1.0]
     assert DEFAULT_DETECTION.method in ("peak", "wavelet")
+
+
+def _spotted_planes(rng, shape):
+    """Float images of `shape` (..., 48, 48): faint noise with a few bright 3x3 spots per plane."""
+    images = rng.uniform(0, 0.1, shape).astype(np.float32)
+    for index in np.ndindex(*shape[:-2]):
+        for y, x in rng.integers(4, 44, (3, 2)):
+            images[index + (slice(y - 1, y + 2), slice(x - 1, x + 2))] = 0.8
+            images[index + (y, x)] = 1.0
+    return images
+
+
+def test_a_larger_stack_is_detected_one_z_stack_or_one_plane_at_a_time(rng):
+    """(T, Z, Y, X): each time point's z-stack on its own, its index in a leading column; "planes":
+    each (y, x) plane on its own. Raw intensities follow their plane."""
+    stack = _spotted_planes(rng, (2, 3, 48, 48))
+    raw = stack * 100
+    spots = detect_spots(stack, raw)
+    assert spots.coords.shape[1] == 4 and spots.axes == ("axis0", "z", "y", "x")
+    assert list(spots.as_table())[:4] == ["axis0", "z", "y", "x"]
+    for t in range(2):
+        alone = detect_spots(stack[t], raw[t])
+        mine = spots.coords[:, 0] == t
+        assert np.array_equal(spots.coords[mine, 1:], alone.coords)
+        assert np.array_equal(spots.intensity[mine], alone.intensity)
+    planes = detect_spots(stack, raw, stack="planes")
+    assert planes.axes == ("axis0", "axis1", "y", "x")
+    for t, z in np.ndindex(2, 3):
+        mine = (planes.coords[:, 0] == t) & (planes.coords[:, 1] == z)
+        assert np.array_equal(planes.coords[mine, 2:], detect_spots(stack[t, z]).coords)
+    series = detect_spots(stack[0], stack="planes")  # (T, Y, X): no merging across time points
+    assert series.axes == ("axis0", "y", "x") and len(series) == sum(len(detect_spots(p)) for p in stack[0])
+    assert detect_spots(stack[0]).axes == () and detect_spots(stack[0]).coords.shape[1] == 3  # z-stack: as before
+
+
+def test_a_larger_stack_checks_its_input_and_can_be_cancelled(rng):
+    stack = _spotted_planes(rng, (2, 2, 48, 48))
+    with pytest.raises(ValueError, match="stack must be one of"):
+        detect_spots(stack, stack="volume")
+    with pytest.raises(ValueError, match="must match"):
+        detect_spots(stack, raw=stack[0])
+    broken = stack.copy()
+    broken[1, 0, 5, 6] = np.nan
+    with pytest.raises(ValueError, match=r"stack index \(1,\): plane 0: .*row 5, column 6"):
+        detect_spots(broken)
+    with pytest.raises(Cancelled):
+        detect_spots(stack, cancel=lambda: True)

@@ -150,11 +150,10 @@ def test_training_runs_on_the_models_backend_and_stays_there(monkeypatch, rng):
     assert isinstance(model._network, _core.Network)
 
 
-def test_dask_workers_load_with_the_device_and_precision(without_gpu):
-    from deepspot_napari.distributed import worker_model
-    assert worker_model(None, "cpu", "float32").device == "cpu"
+def test_cached_models_load_with_the_device_and_precision(without_gpu):
+    assert Model.cached(None, device="cpu", precision="float32").device == "cpu"
     with pytest.raises(ValueError, match="'tf32' needs the GPU"):
-        worker_model(None, "cpu", "tf32")
+        Model.cached(None, device="cpu", precision="tf32")
 
 
 def test_file_jobs_and_blocks_carry_the_precision_to_the_worker_model(tmp_path, without_gpu):

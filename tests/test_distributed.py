@@ -75,8 +75,8 @@ def test_each_worker_loads_the_model_once_and_failures_stay_per_file(cluster, in
     assert "0 done, 3 skipped, 1 failed" in capsys.readouterr().out
 
     def cached_models():
-        from deepspot_napari import distributed as d
-        return len(d._MODELS)
+        from deepspot_napari import model
+        return len(model._CACHE)
 
     with distributed.Client(cluster) as client:
         assert set(client.run(cached_models).values()) <= {0, 1}

@@ -1,6 +1,8 @@
 """The whole network and the Model API: float64 reference, parity with the original TensorFlow
 model (golden outputs made by tools/make_golden.py), tiling equal to a whole-image pass, stacks,
 dtypes, cancellation, the GIL released, and clear errors for bad input."""
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -66,7 +68,8 @@ def test_golden_set_covers_simulated_and_real_images():
 
 
 def test_tiled_2048_image_equals_the_whole_image_pass(model):
-    """No seams: every window carries its stage's receptive field as a halo."""
+    """No seams: every window carries its stage's receptive field as a halo. Equal up to float32
+    rounding (1e-7 measured): oneDNN sums in another order for another window size."""
     rng = np.random.default_rng(7)
     image = rng.poisson(100, (2048, 2048)).astype(np.uint16)
     ys, xs = rng.integers(0, 2048, (2, 400))
@@ -74,8 +77,8 @@ def test_tiled_2048_image_equals_the_whole_image_pass(model):
     tiled = model.enhance(image, tile_size=256)
     whole = model.enhance(image, tile_size=None)
     interior = (slice(8, -8), slice(8, -8))
-    assert np.max(np.abs(tiled[interior] - whole[interior])) <= 1e-3
-    assert np.max(np.abs(tiled - whole)) <= 1e-3
+    assert np.max(np.abs(tiled[interior] - whole[interior])) <= 1e-6
+    assert np.max(np.abs(tiled - whole)) <= 1e-6
 
 
 def test_odd_sizes_and_small_images(model, rng):
@@ -221,3 +224,34 @@ def test_a_model_carries_its_detection_defaults_and_its_target(tmp_path, rng):
     bad = Model.load(_weights_with_metadata(tmp_path / "bad.safetensors", detection='{"thresh": 1}'))
     with pytest.raises(ValueError, match="detection metadata is not valid"):
         bad.detection
+
+
+def test_detect_takes_any_stack_one_z_stack_per_leading_index(model, rng):
+    """(T, Z, Y, X): each time point's z-stack on its own, the time index as the first column; the
+    2D and z-stack results are what they were."""
+    from deepspot_napari.simulate import simulate_image
+    planes = np.stack([simulate_image(rng, "ds_var", 5, 64)[0] for _ in range(4)]).reshape(2, 2, 64, 64)
+    spots = model.detect(planes)
+    assert spots.coords.shape[1] == 4 and spots.axes == ("axis0", "z", "y", "x")
+    for t in range(2):
+        alone = model.detect(planes[t])
+        assert alone.coords.shape[1] == 3 and alone.axes == ()
+        assert np.array_equal(spots.coords[spots.coords[:, 0] == t, 1:], alone.coords)
+    series = model.detect(planes[0], stack="planes")  # (T, Y, X): every plane on its own
+    assert np.array_equal(series.coords[series.coords[:, 0] == 1, 1:], model.detect(planes[0, 1]).coords)
+    with pytest.raises(ValueError, match="stack must be one of"):
+        model.detect(planes, stack="volume")
+
+
+def test_cached_models_are_shared_and_never_fine_tuned_in_place(tmp_path):
+    """One model per weights file, device and precision, for the widgets, batches and Dask workers."""
+    first = Model.cached(device="cpu")
+    assert Model.cached("hybrid", device="cpu") is first and first.shared and not Model.load(device="cpu").shared
+    with pytest.raises(ValueError, match="shared"):
+        first.fit([np.ones((64, 64))], [np.zeros((0, 2))])
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(bundled_weights_path(), copy)
+    own = Model.cached(copy, device="cpu")
+    assert own is not first and Model.cached(str(copy), device="cpu") is own
+    os.utime(copy, ns=(1, 1))  # the file changed: loaded again
+    assert Model.cached(copy, device="cpu") is not own

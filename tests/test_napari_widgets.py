@@ -361,9 +361,13 @@ def test_device_choices_are_the_working_devices(viewer, messages):
 
 def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatch):
     """With a simulated working GPU: "cuda" is offered in every widget, and the choices go to
-    Model.load as they are (recorded here; the model returned is the CPU one)."""
-    from deepspot_napari import _widgets
+    Model.load (through the API's model cache, emptied here) as they are (recorded here; the model
+    returned is the CPU one)."""
+    from deepspot_napari import _widgets, bundled_weights_path
+    from deepspot_napari import model as model_module
     monkeypatch.setattr(_widgets, "available_devices", lambda: [("cpu", "CPU, test"), ("cuda", "Fake GPU")])
+    monkeypatch.setattr(model_module, "_CACHE", {})
+    monkeypatch.setattr(model, "shared", False)
     loads = []
 
     def load(path=None, *, device="auto", precision="float32"):
@@ -379,7 +383,8 @@ def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatc
     version = holder.version
     detect.model_panel.device.value = "cuda"
     train.model_panel.precision.value = "tf32"
-    assert loads == [("hybrid", "cuda", "float32"), ("hybrid", "cuda", "tf32")]  # the default bundled model
+    bundled = bundled_weights_path("hybrid").resolve()  # the default bundled model
+    assert loads == [(bundled, "cuda", "float32"), (bundled, "cuda", "tf32")]
     assert (holder.device, holder.precision) == ("cuda", "tf32") and holder.version == version + 2
     assert enhance.model_panel.device.value == "cuda" and enhance.model_panel.precision.value == "tf32"
     assert holder.copy() is model and loads[-1] == ("hybrid", "cuda", "tf32")  # what Train fine-tunes

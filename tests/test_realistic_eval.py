@@ -3,18 +3,14 @@ runs its own pipeline, missing data or packages skip a row with the reason, and 
 report."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from deepspot_napari import bundled_weights_path, evaluate, realistic_eval as RE
 from deepspot_napari.cli import main
 
-from realdata import REALDATA
+from realdata import PEERS, REALDATA
 
-PEERS = Path(os.environ.get("DEEPSPOT_PEERS", Path(__file__).resolve().parents[2] / "shared" / "peers"))
 HAVE_UFISH = (PEERS / RE.UFISH_ONNX).is_file()
 
 
@@ -58,14 +54,17 @@ def test_missing_real_backgrounds_and_peers_are_skipped_with_the_reason(tmp_path
         assert methods == [] and "onnxruntime" in notes[0]
 
 
-@pytest.mark.skipif(not (REALDATA / RE.REAL_BACKGROUND_FILES[0]).is_file(), reason=f"no realdata in {REALDATA}")
+@pytest.mark.skipif(not all((REALDATA / name).is_file() for name in RE.REAL_BACKGROUND_FILES),
+                    reason=f"the real background images ({', '.join(RE.REAL_BACKGROUND_FILES)}) are not all in "
+                           f"{REALDATA}: set DEEPSPOT_REALDATA to the folder holding them")
 def test_real_backgrounds_are_the_test_quarters():
     sources, why = RE.real_background_sources(REALDATA, "test")
     assert why is None and len(sources) == len(RE.REAL_BACKGROUND_FILES)
     assert all(s.min() >= 0 and s.max() <= 1 for s in sources)
 
 
-@pytest.mark.skipif(not HAVE_UFISH, reason=f"U-FISH's ONNX model is not in {PEERS}")
+@pytest.mark.skipif(not HAVE_UFISH, reason=f"U-FISH's ONNX model ({RE.UFISH_ONNX}) is not in {PEERS}: set "
+                                             "DEEPSPOT_PEERS to the folder holding it")
 def test_ufish_finds_bright_spots():
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the bench extra)")
     from deepspot_napari.realistic import realistic_image

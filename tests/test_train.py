@@ -4,7 +4,6 @@ tools/make_train_golden.py), overfitting, deterministic resume after an interrup
 Model.fit, and clear errors for bad input."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,8 @@ import pytest
 import reference as ref
 from deepspot_napari import Cancelled, Model, _core, bundled_weights_path
 from deepspot_napari.simulate import simulate_image
-from deepspot_napari.train import (BEST_WEIGHTS, STATE_FILE, History, fit, initial_parameters, make_training_pair,
-                                   save_training_curves)
+from deepspot_napari.train import (BEST_WEIGHTS, STATE_FILE, History, check_fit_options, fit, initial_parameters,
+                                   make_training_pair, save_training_curves, stack_training_pairs)
 
 GOLDEN = Path(__file__).parent / "data" / "golden_train_step.npz"
 LR = 1e-4
@@ -65,25 +64,21 @@ GRADIENT_TENSORS = [
 ]
 
 
-@pytest.mark.parametrize("max_term,batch_norm", [("batch", "batch"), ("per_image", "batch"), ("batch", "frozen")])
-def test_whole_network_gradient_matches_finite_differences(network, params, max_term, batch_norm):
-    """Batch 2 at 32x32 (BN on batch statistics needs more than one value per channel: the trunk
-    runs at 4x4), the published weights, dropout off. For each tensor: the derivative along a random
-    direction and at its largest coordinate, against central differences of the float64 reference
-    (in training mode, or with frozen batch norms the inference network)."""
-    rng = np.random.default_rng(11)
-    x = rng.random((2, 32, 32)).astype(np.float32)
-    t = scale(rng.random((2, 32, 32)))
-    trainer = _core.Trainer(network, dropout=0.0, max_term=max_term, batch_norm=batch_norm)
-    loss = trainer.gradients(x, t)[0]
-    p64 = {k: v.astype(np.float64) for k, v in params.items()}
-    logits = ref.deepspot_logits_train if batch_norm == "batch" else (
-        lambda x, p: ref.deepspot_logits_inference(x, p)[..., 0])
+def reference_loss(x, t, max_term, batch_norm, dropout_masks=None):
+    """The float64 reference's training loss as a function of the parameters (batch statistics, or
+    frozen batch norms: the inference network)."""
+    x64 = x[..., None].astype(np.float64)
+    if batch_norm == "batch":
+        return lambda p: ref.deepspot_loss(ref.deepspot_logits_train(x64, p, dropout_masks=dropout_masks), t,
+                                           "logits", max_term)
+    return lambda p: ref.deepspot_loss(ref.deepspot_logits_inference(x64, p, dropout_masks=dropout_masks)[..., 0],
+                                       t, "logits", max_term)
 
-    def total(p):
-        return ref.deepspot_loss(logits(x[..., None].astype(np.float64), p), t, "logits", max_term)
 
-    assert abs(loss - total(p64)) <= 1e-6 * loss
+def worst_gradient_error(trainer, total, p64, rng) -> float:
+    """The largest relative error over GRADIENT_TENSORS of the trainer's gradients against central
+    differences of `total` (the float64 loss of the parameters): the derivative along a random
+    direction and at each tensor's largest coordinate."""
     worst = 0.0
     for name in GRADIENT_TENSORS:
         g = trainer.get("grad." + name).astype(np.float64)
@@ -100,12 +95,61 @@ def test_whole_network_gradient_matches_finite_differences(network, params, max_
         print(f"{name}: directional {err_dir:.1e}, largest coordinate {err_i:.1e}")
         worst = max(worst, err_dir, err_i)
     print(f"worst relative error {worst:.2e}")
-    assert worst <= 1e-3
+    return worst
+
+
+@pytest.mark.parametrize("max_term,batch_norm", [("batch", "batch"), ("per_image", "batch"), ("batch", "frozen")])
+def test_whole_network_gradient_matches_finite_differences(network, params, max_term, batch_norm):
+    """Batch 2 at 32x32 (BN on batch statistics needs more than one value per channel: the trunk
+    runs at 4x4), the published weights, dropout off. For each tensor: the derivative along a random
+    direction and at its largest coordinate, against central differences of the float64 reference
+    (in training mode, or with frozen batch norms the inference network)."""
+    rng = np.random.default_rng(11)
+    x = rng.random((2, 32, 32)).astype(np.float32)
+    t = scale(rng.random((2, 32, 32)))
+    trainer = _core.Trainer(network, dropout=0.0, max_term=max_term, batch_norm=batch_norm)
+    loss = trainer.gradients(x, t)[0]
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    total = reference_loss(x, t, max_term, batch_norm)
+    assert abs(loss - total(p64)) <= 1e-6 * loss
+    assert worst_gradient_error(trainer, total, p64, rng) <= 1e-3
     if batch_norm == "frozen":
         return
     # a bias that a batch norm on batch statistics follows has no effect: its gradient is rounding noise
     assert np.abs(trainer.get("grad.caso.strided.conv2.bias")).max() <= 1e-5 * np.abs(
         trainer.get("grad.caso.strided.conv2.weight")).max()
+
+
+DROPOUT_BLOCKS = {**{f"trunk.block{b:02d}": f"trunk.block{b:02d}.conv3.bias" for b in range(1, 14)},
+                  **{f"decoder.up{j}": f"decoder.up{j}.bn3.beta" for j in (1, 2, 3)}}
+
+
+@pytest.mark.parametrize("batch_norm", ["batch", "frozen"])
+def test_whole_network_gradient_with_dropout_matches_finite_differences(network, params, batch_norm):
+    """Training as fit does it, with spatial dropout (rate 0.2). One image, so that a dropped channel
+    shows as an exactly zero gradient of the last tensor of its block's main path (a trunk block's
+    conv3 bias, a decoder block's bn3 beta): the masks read from there go into the float64
+    reference, which must then give the trainer's loss (so they are the masks the forward used) and
+    its gradients, as without dropout. That reading needs a gradient at every channel of each
+    decoder block's output (a channel its ReLU kills everywhere has none, dropped or not): the
+    shortcut's gradient shows it, and this input has none dead (others do, with frozen batch norms)."""
+    rate = 0.2
+    rng = np.random.default_rng(19)
+    x = rng.random((1, 32, 32)).astype(np.float32)
+    t = scale(rng.random((1, 32, 32)))
+    trainer = _core.Trainer(network, dropout=rate, max_term="batch", batch_norm=batch_norm, seed=3)
+    loss = trainer.gradients(x, t)[0]
+    for j in (1, 2, 3):
+        assert np.all(trainer.get(f"grad.decoder.up{j}.shortcut.bn.beta") != 0), f"a dead channel in decoder.up{j}"
+    masks = {block: np.where(trainer.get("grad." + tensor) != 0, 1 / (1 - rate), 0.0)[None, :]
+             for block, tensor in DROPOUT_BLOCKS.items()}
+    dropped = np.mean(np.concatenate([mask[0] == 0 for mask in masks.values()]))
+    assert 0.1 < dropped < 0.3, f"{dropped:.0%} of the channels dropped, with rate {rate}"
+    p64 = {k: v.astype(np.float64) for k, v in params.items()}
+    total = reference_loss(x, t, "batch", batch_norm, masks)
+    assert abs(loss - total(p64)) <= 1e-5 * loss  # float32 rounding (batch statistics of one image)
+    assert abs(loss - reference_loss(x, t, "batch", batch_norm)(p64)) > 1e-2 * loss  # dropout mattered
+    assert worst_gradient_error(trainer, total, p64, rng) <= 1e-3
 
 
 # ---------------------------------------------------------------- one step against Keras
@@ -209,28 +253,36 @@ def test_steps_are_reproducible_and_dropout_is_seeded(network):
 
 
 def test_gil_is_released_and_calls_do_not_overlap(network):
+    """While one thread's step runs (GIL released: this thread keeps counting), every other call on
+    the same trainer is refused with "busy" instead of running concurrently on its buffers; once
+    the step is over they work again."""
     import threading
-    _, _, x, t = simulated_batch(4, 64, seed=6)
+    _, _, x, t = simulated_batch(8, 128, seed=6)  # a step of a few hundred milliseconds
     trainer = _core.Trainer(network)
     trainer.step(x, t)  # build the graph first
-    ticks, errors, done = [0], [], threading.Event()
+    ticks, outcomes, started, done = [0], [], threading.Event(), threading.Event()
 
     def train():
+        started.set()
         trainer.step(x, t)
         done.set()
 
     worker = threading.Thread(target=train)
     worker.start()
+    started.wait()
     while not done.is_set():
         ticks[0] += 1
-        if ticks[0] == 1000:
+        if ticks[0] % 1000 == 0:
             try:
-                trainer.step(x, t)
+                trainer.get("head.conv.bias")
+                outcomes.append("ran")
             except RuntimeError as e:
-                errors.append(str(e))
+                outcomes.append(str(e))
     worker.join()
     assert ticks[0] > 1000
-    assert not errors or "busy" in errors[0]
+    assert any("busy in another thread" in outcome for outcome in outcomes), outcomes[:5]
+    assert set(outcomes) <= {"ran", "the trainer is busy in another thread"}
+    assert trainer.get("head.conv.bias").shape == (1,) and trainer.step_count == 2
 
 
 def test_moving_statistics_follow_keras_momentum(network):
@@ -370,7 +422,7 @@ FIT = dict(epochs=3, batch_size=2, patch_size=32, validation_split=0.34, seed=3,
 def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
     images, points = small_dataset()
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    history, trainer = fit(None, images, points, checkpoint_dir=full_dir, return_trainer=True, **FIT)
+    history, trainer = fit(Model.load(), images, points, checkpoint_dir=full_dir, return_trainer=True, **FIT)
     assert history.epoch == [1, 2, 3] and len(history.val_f1) == 3
     steps = []
 
@@ -379,10 +431,10 @@ def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
         return len(steps) == 3  # mid epoch 2 (two steps per epoch)
 
     with pytest.raises(Cancelled):
-        fit(None, images, points, checkpoint_dir=cut_dir, cancel=cancel, **FIT)
+        fit(Model.load(), images, points, checkpoint_dir=cut_dir, cancel=cancel, **FIT)
     state = json.loads((cut_dir / STATE_FILE).read_text())
     assert state["epoch"] == 1 and state["step_count"] == 2
-    resumed, resumed_trainer = fit(None, images, points, checkpoint_dir=cut_dir, return_trainer=True, **FIT)
+    resumed, resumed_trainer = fit(Model.load(), images, points, checkpoint_dir=cut_dir, return_trainer=True, **FIT)
     assert resumed.epoch == [1, 2, 3]
     assert resumed.loss == history.loss and resumed.val_loss == history.val_loss
     for name in trainer.names:
@@ -398,7 +450,7 @@ def test_fit_resumes_after_an_interruption_with_identical_weights(tmp_path):
                                Model(trainer.to_network(), checkpoint, "cpu").enhance(x), atol=1e-6)
     # another data set or setting cannot resume this run
     with pytest.raises(ValueError, match="cannot resume"):
-        fit(None, images[:5], points[:5], checkpoint_dir=full_dir, **FIT)
+        fit(Model.load(), images[:5], points[:5], checkpoint_dir=full_dir, **FIT)
 
 
 def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
@@ -406,7 +458,7 @@ def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
     `patience` epochs without improvement and ends with the best epoch's weights. (On batch
     statistics, which keep the activations bounded; frozen batch norms let such a rate diverge.)"""
     images, points = small_dataset()
-    history, trainer = fit(None, images, points, return_trainer=True, patience=1, checkpoint_dir=tmp_path,
+    history, trainer = fit(Model.load(), images, points, return_trainer=True, patience=1, checkpoint_dir=tmp_path,
                            monitor="loss", batch_norm="batch", **{**FIT, "epochs": 6, "learning_rate": 0.05})
     best = history.best_epoch
     assert history.val_loss[best - 1] == min(history.val_loss)
@@ -422,7 +474,7 @@ def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
 def test_a_diverging_run_says_so_instead_of_saving_infinities(tmp_path):
     images, points = small_dataset()
     with pytest.raises(ValueError, match="diverged in epoch 1.*learning rate 0.05 is too high"):
-        fit(None, images, points, checkpoint_dir=tmp_path, **{**FIT, "learning_rate": 0.05})
+        fit(Model.load(), images, points, checkpoint_dir=tmp_path, **{**FIT, "learning_rate": 0.05})
 
 
 def test_model_fit_updates_the_model_in_place(tmp_path):
@@ -443,10 +495,10 @@ def test_model_fit_updates_the_model_in_place(tmp_path):
 def test_fit_adds_simulated_images_each_epoch():
     from deepspot_napari.train import MIN_EPOCH_STEPS
     images, points = small_dataset(n=2)
-    history = fit(None, images, points, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0,
+    history = fit(Model.load(), images, points, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0,
                                                        "steps_per_epoch": None})
     assert history.steps == MIN_EPOCH_STEPS  # (2 + 3 simulated) / 2 steps cover them, raised to the minimum
-    history = fit(None, images * 20, points * 20, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0,
+    history = fit(Model.load(), images * 20, points * 20, simulate=3, **{**FIT, "epochs": 1, "validation_split": 0.0,
                                                                  "steps_per_epoch": None})
     assert history.steps == -(-(40 + 3) // 2)  # enough crops to cover the 40 tiles and the simulated ones once
 
@@ -467,7 +519,7 @@ def test_compressed_target_keeps_the_background_below_its_level_also_without_spo
 
 def test_fit_records_the_target_and_validates_on_given_images(tmp_path):
     images, points = small_dataset(n=3)
-    history = fit(None, images[:2], points[:2], validation=(images[2:], points[2:]), target_background=0.5,
+    history = fit(Model.load(), images[:2], points[:2], validation=(images[2:], points[2:]), target_background=0.5,
                   checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
     assert np.isfinite(history.val_loss[0])
     model = Model.load(tmp_path / BEST_WEIGHTS)
@@ -513,16 +565,16 @@ def test_regions_limit_training_to_the_annotated_rectangles(rng):
     altered[80:90, 0:10] += 500.0  # a bright unannotated blob outside the region
     altered[0:6, 90:96] += 300.0
     settings = {**FIT, "epochs": 1, "validation_split": 0.0, "dropout": 0.0}
-    runs = [fit(None, [im], [pts if k == 0 else pts[inside]], regions=[region], return_trainer=True,
+    runs = [fit(Model.load(), [im], [pts if k == 0 else pts[inside]], regions=[region], return_trainer=True,
                 check_annotations=False, **settings) for k, im in enumerate((image, altered))]
     assert runs[0][0].loss == runs[1][0].loss
     assert np.array_equal(runs[0][1].get("head.conv.weight"), runs[1][1].get("head.conv.weight"))
-    whole = fit(None, [altered], [pts], return_trainer=True, check_annotations=False, **settings)
+    whole = fit(Model.load(), [altered], [pts], return_trainer=True, check_annotations=False, **settings)
     assert whole[0].loss != runs[1][0].loss  # without the region, the blobs are trained on
     with pytest.raises(ValueError, match="not inside the 96x96 image"):
-        fit(None, [image], [pts], regions=[(0, 0, 100, 50)], **settings)
+        fit(Model.load(), [image], [pts], regions=[(0, 0, 100, 50)], **settings)
     with pytest.raises(ValueError, match="too small"):
-        fit(None, [image], [pts], regions=[(0, 0, 20, 50)], **settings)
+        fit(Model.load(), [image], [pts], regions=[(0, 0, 20, 50)], **settings)
 
 
 @pytest.mark.parametrize("images,points,error,message", [
@@ -538,7 +590,7 @@ def test_regions_limit_training_to_the_annotated_rectangles(rng):
 ])
 def test_fit_rejects_bad_inputs(images, points, error, message):
     with pytest.raises(error, match=message):
-        fit(None, images, points, epochs=1, patch_size=32)
+        fit(Model.load(), images, points, epochs=1, patch_size=32)
 
 
 def test_fit_rejects_bad_settings():
@@ -551,7 +603,31 @@ def test_fit_rejects_bad_settings():
                             (dict(epochs=1, target_background="zero"), "target_background"),
                             (dict(epochs=1, validation=([np.ones((32, 32))],)), "validation must be")]:
         with pytest.raises(ValueError, match=message):
-            fit(None, images, points, **kwargs)
+            fit(Model.load(), images, points, **kwargs)
+    # the same rules, for callers that check before starting a run (the Train widget)
+    check_fit_options(learning_rate=3.0)  # large, but a learning rate
+    for kwargs, message in [(dict(learning_rate=0.0), "learning_rate"), (dict(learning_rate="1e-4"), "learning_rate"),
+                            (dict(learning_rate=float("nan")), "learning_rate"), (dict(batch_size=0), "batch_size"),
+                            (dict(validation_split=-0.1), "validation_split")]:
+        with pytest.raises(ValueError, match=message):
+            check_fit_options(**kwargs)
+    with pytest.raises(TypeError, match="fit trains a Model"):
+        fit("weights.safetensors", images, points)
+
+
+def test_an_annotated_stack_gives_one_training_pair_per_annotated_plane(rng):
+    stack = rng.random((2, 3, 40, 50)).astype(np.float32)
+    points = np.array([[0, 1, 5.0, 6.0], [1.2, 2.4, 7.0, 8.0], [0, 0.6, 9.5, 10.0], [1, 2, 30.0, 40.0]])
+    images, plane_points = stack_training_pairs(stack, points)
+    assert len(images) == 2  # planes (0, 1) and (1, 2); the four unannotated planes are left out
+    assert np.array_equal(images[0], stack[0, 1]) and np.array_equal(images[1], stack[1, 2])
+    assert np.array_equal(plane_points[0], [[5, 6], [9.5, 10]])
+    assert np.array_equal(plane_points[1], [[7, 8], [30, 40]])
+    image, pts = stack_training_pairs(stack[0, 0], points[:, 2:])  # 2D: the image and all its points
+    assert np.array_equal(image[0], stack[0, 0]) and np.array_equal(pts[0], points[:, 2:])
+    assert stack_training_pairs(stack, np.zeros((0, 4))) == ([], [])
+    with pytest.raises(ValueError, match=r"\(n, 4\)"):
+        stack_training_pairs(stack, points[:, 1:])
 
 
 def test_training_curves_png(tmp_path):
@@ -625,12 +701,12 @@ def test_fit_bn_bessel_takes_the_unbiased_batch_variance():
     name = "trunk.block02.bn1.moving_variance"
     moving = {}
     for bessel in (False, True):
-        _, trainer = fit(None, images, points, bn_bessel=bessel, batch_norm="batch", return_trainer=True, **settings)
+        _, trainer = fit(Model.load(), images, points, bn_bessel=bessel, batch_norm="batch", return_trainer=True, **settings)
         moving[bessel] = trainer.get(name).astype(np.float64)
     # the same first batch: moving = 0.99 m + 0.01 v (n / (n - 1) with Bessel), so only the batch term grows
     assert np.all(moving[True] >= moving[False]) and np.any(moving[True] > moving[False])
     with pytest.raises(ValueError, match="bn_bessel .* needs batch_norm='batch'"):
-        fit(None, images, points, bn_bessel=True, batch_norm="frozen", **settings)
+        fit(Model.load(), images, points, bn_bessel=True, batch_norm="frozen", **settings)
 
 
 def test_fine_tuning_on_a_real_crop_lowers_the_loss_on_held_out_annotated_pixels():

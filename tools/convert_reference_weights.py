@@ -343,7 +343,7 @@ def descriptive_name(keras_layer: str) -> str:
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
-    """Every tensor of the architecture (docs: /work/shared/spec/REFERENCE_MODEL.md) with its shape,
+    """Every tensor of the architecture (docs/reference_model.md) with its shape,
     derived independently of the SavedModel so the conversion is cross-checked."""
     shapes: dict[str, tuple[int, ...]] = {}
 

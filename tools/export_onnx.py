@@ -60,8 +60,8 @@ def _check_input() -> np.ndarray:
     else:
         from PIL import Image
 
-        raw = np.array(Image.open(Path(os.environ.get("DEEPSPOT_REALDATA", "/work/shared/realdata"))
-                                  / "deepspot_authors_sim" / "original" / "1.png"))
+        realdata = Path(os.environ.get("DEEPSPOT_REALDATA", REPO_ROOT.parent / "shared" / "realdata"))
+        raw = np.array(Image.open(realdata / "deepspot_authors_sim" / "original" / "1.png"))
     return (raw.astype(np.float32) / np.float32(raw.max()))[None, :, :, None]
 
 

@@ -57,7 +57,7 @@ REPO_ROOT = TOOLS.parent
 sys.path.insert(0, str(TOOLS))
 import convert_reference_weights as crw  # noqa: E402
 
-REALDATA = Path(os.environ.get("DEEPSPOT_REALDATA", "/work/shared/realdata"))
+REALDATA = Path(os.environ.get("DEEPSPOT_REALDATA", REPO_ROOT.parent / "shared" / "realdata"))
 MAX_MAIN_BYTES = 6 * 1024 * 1024
 TOL_REBUILT = 1e-6
 
