@@ -56,6 +56,12 @@ typedef struct {
     unsigned post;
 } conv_desc;
 
+/* Output sizes (op_shapes.c): d->out_height and d->out_width from d's input, kernel, stride, dilation and
+ * padding; the output of max pooling. DS_ERR_VALUE for a bad kernel, stride or padding, or an empty output. */
+ds_status conv_output_size(conv_desc *d);
+ds_status maxpool_output_size(int height, int width, int kernel, int stride, int pad_before, int pad_after,
+                              int *out_height, int *out_width);
+
 /* The shape checks every backend makes when it builds an op (op_shapes.c): DS_ERR_VALUE unless the
  * output size follows from the input, kernel, stride, dilation and padding. */
 #define MAXPOOL_MAX_KERNEL 15 /* the GPU keeps the arg-max of each window in a byte */
