@@ -180,7 +180,7 @@ static ds_status new_tensor(plan *pl, act *a, int channels, int height, int widt
 static ds_status add_step(plan *pl, step_kind kind, ds_op *op, const act *inputs, int n_inputs, const act *output)
 {
     if (pl->n_steps == PLAN_MAX_STEPS) {
-        op_destroy(op);
+        ds_op_destroy(op);
         return ds_fail(DS_ERR_VALUE, "plan: too many steps");
     }
     plan_step *s = &pl->steps[pl->n_steps];
@@ -208,8 +208,8 @@ static void same_padding(int in, int stride, int span, int *out, int *before, in
     *after = total - *before;
 }
 
-void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
-                     int transposed, int stride, int dilation, unsigned post)
+void ds_model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
+                        int transposed, int stride, int dilation, unsigned post)
 {
     *d = (conv_desc){.transposed = transposed, .batch = batch, .in_channels = in_channels, .in_height = height,
                      .in_width = width, .out_channels = c->out_channels, .kernel = c->kernel, .stride = stride,
@@ -226,7 +226,7 @@ void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int w
     }
 }
 
-void model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after)
+void ds_model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after)
 {
     same_padding(height, DS_POOL_STRIDE, DS_POOL_KERNEL, out_height, pad_before, pad_after);
     same_padding(width, DS_POOL_STRIDE, DS_POOL_KERNEL, out_width, pad_before, pad_after);
@@ -254,14 +254,14 @@ static ds_status plan_conv(plan *pl, ds_backend *be, const act *in, act *out, co
                            const bn_params *bn, int transposed, int stride, int dilation, unsigned post)
 {
     conv_desc d;
-    model_conv_desc(&d, pl->batch, in->channels, in->height, in->width, c, transposed, stride, dilation, post);
+    ds_model_conv_desc(&d, pl->batch, in->channels, in->height, in->width, c, transposed, stride, dilation, post);
     if (!(post & POST_SUM))
         DS_TRY(new_tensor(pl, out, c->out_channels, d.out_height, d.out_width));
     else if (out->channels != d.out_channels || out->height != d.out_height || out->width != d.out_width)
         return ds_fail(DS_ERR_VALUE, "plan: residual shapes differ");
     fold_batchnorm(pl, c, bn);
     ds_op *op;
-    DS_TRY(conv_forward_create(&op, be, &d, pl->fold_weight, pl->fold_bias));
+    DS_TRY(ds_conv_forward_create(&op, be, &d, pl->fold_weight, pl->fold_bias));
     return add_step(pl, STEP_CONV, op, in, 1, out);
 }
 
@@ -269,19 +269,19 @@ static ds_status plan_bn_relu(plan *pl, ds_backend *be, const act *in, act *out,
 {
     ds_op *op;
     DS_TRY(new_tensor(pl, out, in->channels, in->height, in->width));
-    DS_TRY(batchnorm_relu_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, bn->gamma, bn->beta,
-                                         bn->moving_mean, bn->moving_variance, DS_BN_EPSILON));
+    DS_TRY(ds_batchnorm_relu_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, bn->gamma,
+                                            bn->beta, bn->moving_mean, bn->moving_variance, DS_BN_EPSILON));
     return add_step(pl, STEP_BN_RELU, op, in, 1, out);
 }
 
 static ds_status plan_maxpool(plan *pl, ds_backend *be, const act *in, act *out)
 {
     int oh, ow, before, after;
-    model_pool_shape(in->height, in->width, &oh, &ow, &before, &after);
+    ds_model_pool_shape(in->height, in->width, &oh, &ow, &before, &after);
     ds_op *op;
     DS_TRY(new_tensor(pl, out, in->channels, oh, ow));
-    DS_TRY(maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, DS_POOL_KERNEL,
-                                  DS_POOL_STRIDE, before, after));
+    DS_TRY(ds_maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, DS_POOL_KERNEL,
+                                     DS_POOL_STRIDE, before, after));
     return add_step(pl, STEP_MAXPOOL, op, in, 1, out);
 }
 
@@ -307,7 +307,7 @@ static ds_status plan_encoder(plan *pl, const model_params *p, ds_backend *be, a
     int channels[CASO_PATHS] = {paths[0].channels, paths[1].channels, paths[2].channels};
     ds_op *op;
     DS_TRY(new_tensor(pl, out, channels[0] + channels[1] + channels[2], paths[0].height, paths[0].width));
-    DS_TRY(concat_forward_create(&op, be, pl->batch, out->height, out->width, CASO_PATHS, channels));
+    DS_TRY(ds_concat_forward_create(&op, be, pl->batch, out->height, out->width, CASO_PATHS, channels));
     return add_step(pl, STEP_CONCAT, op, paths, CASO_PATHS, out);
 }
 
@@ -363,7 +363,7 @@ static ds_status plan_network(plan *pl, const model_params *p, ds_backend *be)
 static void place_tensors(plan *pl)
 {
     pl->tensors[pl->output].last = pl->n_steps; /* read back after the last step */
-    pl->arena_floats = arena_place(pl->tensors, pl->n_tensors);
+    pl->arena_floats = ds_arena_place(pl->tensors, pl->n_tensors);
 }
 
 static void plan_free(plan *pl)
@@ -371,7 +371,7 @@ static void plan_free(plan *pl)
     if (!pl)
         return;
     for (int i = 0; i < pl->n_steps; i++)
-        op_destroy(pl->steps[i].op);
+        ds_op_destroy(pl->steps[i].op);
     free(pl->fold_weight);
     free(pl->fold_bias);
     free(pl);
@@ -422,19 +422,19 @@ static ds_status plan_execute(plan *pl, float *arena)
         const float *src = tensor_data(pl, arena, s->inputs[0]);
         switch (s->kind) {
         case STEP_CONV:
-            DS_TRY(conv_forward(s->op, src, dst));
+            DS_TRY(ds_conv_forward(s->op, src, dst));
             break;
         case STEP_BN_RELU:
-            DS_TRY(batchnorm_relu_forward(s->op, src, dst));
+            DS_TRY(ds_batchnorm_relu_forward(s->op, src, dst));
             break;
         case STEP_MAXPOOL:
-            DS_TRY(maxpool_forward(s->op, src, dst));
+            DS_TRY(ds_maxpool_forward(s->op, src, dst));
             break;
         case STEP_CONCAT: {
             const float *srcs[CONCAT_MAX_INPUTS];
             for (int k = 0; k < s->n_inputs; k++)
                 srcs[k] = tensor_data(pl, arena, s->inputs[k]);
-            DS_TRY(concat_forward(s->op, srcs, dst));
+            DS_TRY(ds_concat_forward(s->op, srcs, dst));
             break;
         }
         }
@@ -444,32 +444,32 @@ static ds_status plan_execute(plan *pl, float *arena)
 
 /* ---------------------------------------------------------------- model */
 
-/* m's parameter arena, in the layout of every parameter arena (model_params_bind); n_params counts the values. */
+/* m's parameter arena, in the layout of every parameter arena (ds_model_params_bind); n_params counts the values. */
 static ds_status params_alloc(ds_model *m, const param_table *t)
 {
     for (int i = 0; i < t->count; i++)
         m->n_params += entry_count(&t->entries[i]);
-    m->param_arena = malloc(model_param_floats() * sizeof(float));
+    m->param_arena = malloc(ds_model_param_floats() * sizeof(float));
     if (!m->param_arena)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
-    model_params_bind(&m->params, m->param_arena);
+    ds_model_params_bind(&m->params, m->param_arena);
     return DS_OK;
 }
 
-ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
+ds_status ds_model_load(ds_model **out, const char *weights_path, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
     if (!m)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
     m->math_mode = math_mode;
-    ds_status rc = st_read(&m->file, weights_path);
+    ds_status rc = ds_st_read(&m->file, weights_path);
     param_table table;
     params_table(&m->params, &table);
     if (rc == DS_OK)
         rc = params_alloc(m, &table);
     for (int i = 0; i < table.count && rc == DS_OK; i++) {
         const param_entry *e = &table.entries[i];
-        const st_tensor *t = st_find(&m->file, e->name);
+        const st_tensor *t = ds_st_find(&m->file, e->name);
         if (!t) {
             rc = ds_fail(DS_ERR_FORMAT, "weights file '%s' lacks tensor '%s': not a DeepSpot model", weights_path,
                          e->name);
@@ -511,35 +511,35 @@ ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
         }
     }
     if (rc == DS_OK)
-        rc = backend_create(&m->backend, math_mode);
+        rc = ds_backend_create(&m->backend, math_mode);
     /* The file's bytes are no longer needed once copied into the arena. */
-    st_free(&m->file);
+    ds_st_free(&m->file);
     if (rc != DS_OK) {
-        model_free(m);
+        ds_model_free(m);
         return rc;
     }
     *out = m;
     return DS_OK;
 }
 
-void model_free(ds_model *m)
+void ds_model_free(ds_model *m)
 {
     if (!m)
         return;
     for (int i = 0; i < PLAN_CACHE; i++)
         plan_free(m->plans[i]);
-    backend_free(m->backend, m->arena);
-    backend_destroy(m->backend);
+    ds_backend_free(m->backend, m->arena);
+    ds_backend_destroy(m->backend);
     free(m->param_arena);
-    st_free(&m->file);
+    ds_st_free(&m->file);
     free(m);
 }
 
-size_t model_num_parameters(const ds_model *m) { return m->n_params; }
+size_t ds_model_num_parameters(const ds_model *m) { return m->n_params; }
 
-int model_math_mode(const ds_model *m) { return m->math_mode; }
+int ds_model_math_mode(const ds_model *m) { return m->math_mode; }
 
-const model_params *model_parameters(const ds_model *m) { return &m->params; }
+const model_params *ds_model_parameters(const ds_model *m) { return &m->params; }
 
 static ds_status get_plan(ds_model *m, int first_stage, int last_stage, int batch, int height, int width, plan **out)
 {
@@ -563,8 +563,8 @@ static ds_status get_plan(ds_model *m, int first_stage, int last_stage, int batc
     return DS_OK;
 }
 
-ds_status model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
-                             int *out_channels, int *out_height, int *out_width)
+ds_status ds_model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
+                                int *out_channels, int *out_height, int *out_width)
 {
     if (first_stage < 0 || last_stage >= DS_STAGES || first_stage > last_stage)
         return ds_fail(DS_ERR_VALUE, "stages %d..%d: expected 0 <= first <= last <= %d", first_stage, last_stage,
@@ -582,39 +582,39 @@ ds_status model_stage_shapes(int first_stage, int last_stage, int height, int wi
     return DS_OK;
 }
 
-ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
-                               const float *input, float *output)
+ds_status ds_model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
+                                  const float *input, float *output)
 {
     int in_c, out_c, out_h, out_w;
-    DS_TRY(model_stage_shapes(first_stage, last_stage, height, width, &in_c, &out_c, &out_h, &out_w));
+    DS_TRY(ds_model_stage_shapes(first_stage, last_stage, height, width, &in_c, &out_c, &out_h, &out_w));
     if (batch < 1)
         return ds_fail(DS_ERR_VALUE, "batch of %d; expected >= 1", batch);
     plan *pl;
     DS_TRY(get_plan(m, first_stage, last_stage, batch, height, width, &pl));
     if (pl->arena_floats > m->arena_floats) {
-        backend_free(m->backend, m->arena);
+        ds_backend_free(m->backend, m->arena);
         m->arena = NULL;
         m->arena_floats = 0;
-        if (backend_alloc(m->backend, (void **)&m->arena, pl->arena_floats * sizeof(float)) != DS_OK)
+        if (ds_backend_alloc(m->backend, (void **)&m->arena, pl->arena_floats * sizeof(float)) != DS_OK)
             return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations for a batch of %d at %dx%d",
                            pl->arena_floats * sizeof(float) >> 20, batch, height, width);
         m->arena_floats = pl->arena_floats;
     }
-    DS_TRY(backend_upload(m->backend, tensor_data(pl, m->arena, PLAN_INPUT), input,
-                          (size_t)batch * height * width * in_c * sizeof(float)));
+    DS_TRY(ds_backend_upload(m->backend, tensor_data(pl, m->arena, PLAN_INPUT), input,
+                             (size_t)batch * height * width * in_c * sizeof(float)));
     DS_TRY(plan_execute(pl, m->arena));
-    return backend_download(m->backend, output, tensor_data(pl, m->arena, pl->output),
-                            (size_t)batch * out_h * out_w * out_c * sizeof(float));
+    return ds_backend_download(m->backend, output, tensor_data(pl, m->arena, pl->output),
+                               (size_t)batch * out_h * out_w * out_c * sizeof(float));
 }
 
-ds_status model_forward(ds_model *m, int batch, int height, int width, const float *input, float *output)
+ds_status ds_model_forward(ds_model *m, int batch, int height, int width, const float *input, float *output)
 {
-    return model_forward_stages(m, STAGE_ENCODER, STAGE_DECODER, batch, height, width, input, output);
+    return ds_model_forward_stages(m, STAGE_ENCODER, STAGE_DECODER, batch, height, width, input, output);
 }
 
 /* ---------------------------------------------------------------- parameters in memory (training) */
 
-void model_param_table(model_params *p, ds_param_table *out)
+void ds_model_param_table(model_params *p, ds_param_table *out)
 {
     param_table t;
     params_table(p, &t);
@@ -638,7 +638,7 @@ static size_t aligned_count(const param_entry *e)
     return (entry_count(e) + PARAM_ALIGN_FLOATS - 1) / PARAM_ALIGN_FLOATS * PARAM_ALIGN_FLOATS;
 }
 
-size_t model_param_floats(void)
+size_t ds_model_param_floats(void)
 {
     model_params p;
     param_table t;
@@ -649,7 +649,7 @@ size_t model_param_floats(void)
     return n;
 }
 
-void model_params_bind(model_params *p, float *arena)
+void ds_model_params_bind(model_params *p, float *arena)
 {
     param_table t;
     params_table(p, &t);
@@ -660,7 +660,7 @@ void model_params_bind(model_params *p, float *arena)
     }
 }
 
-ds_status model_from_parameters(ds_model **out, const model_params *src, int math_mode)
+ds_status ds_model_from_parameters(ds_model **out, const model_params *src, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
     param_table *table = malloc(sizeof *table), *src_table = malloc(sizeof *src_table);
@@ -684,13 +684,13 @@ ds_status model_from_parameters(ds_model **out, const model_params *src, int mat
     }
     if (rc == DS_OK) {
         m->math_mode = math_mode;
-        rc = backend_create(&m->backend, math_mode);
+        rc = ds_backend_create(&m->backend, math_mode);
     }
 done:
     free(table);
     free(src_table);
     if (rc != DS_OK) {
-        model_free(m);
+        ds_model_free(m);
         return rc;
     }
     *out = m;

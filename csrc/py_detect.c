@@ -45,7 +45,7 @@ fail:
 static int parse_refine(const char *subpixel, int window_radius, refine_params *refine)
 {
     refine->window_radius = window_radius;
-    ds_status rc = subpixel_mode_from_name(subpixel, &refine->mode);
+    ds_status rc = ds_subpixel_mode_from_name(subpixel, &refine->mode);
     if (rc != DS_OK) {
         ds_py_raise(rc);
         return -1;
@@ -94,13 +94,13 @@ typedef ds_status (*plane_detector)(int height, int width, const float *image, c
 static ds_status run_wavelet(int height, int width, const float *image, const float *raw, const void *params,
                              ds_spot_list *spots)
 {
-    return detect_wavelet(height, width, image, raw, params, spots);
+    return ds_detect_wavelet(height, width, image, raw, params, spots);
 }
 
 static ds_status run_peaks(int height, int width, const float *image, const float *raw, const void *params,
                            ds_spot_list *spots)
 {
-    return detect_peaks(height, width, image, raw, params, spots);
+    return ds_detect_peaks(height, width, image, raw, params, spots);
 }
 
 static PyObject *detect_on_plane(plane_detector detector, const void *params, PyArrayObject *image,
@@ -115,7 +115,7 @@ static PyObject *detect_on_plane(plane_detector detector, const void *params, Py
     Py_DECREF(image);
     Py_XDECREF(raw);
     PyObject *result = rc == DS_OK ? spots_to_array(&spots) : ds_py_raise(rc);
-    spot_list_free(&spots);
+    ds_spot_list_free(&spots);
     return result;
 }
 
@@ -177,7 +177,7 @@ static PyObject *py_wavelet_transform(PyObject *self, PyObject *args)
     }
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = wavelet_transform((int)dims[1], (int)dims[2], PyArray_DATA(image), num_scales, PyArray_DATA(details));
+    rc = ds_wavelet_transform((int)dims[1], (int)dims[2], PyArray_DATA(image), num_scales, PyArray_DATA(details));
     Py_END_ALLOW_THREADS
     Py_DECREF(image);
     if (rc != DS_OK) {
@@ -204,11 +204,11 @@ static PyObject *py_merge_plane_spots(PyObject *self, PyObject *args)
     ds_spot_list merged = {0};
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = merge_plane_spots(PyArray_DATA(input), (size_t)PyArray_DIM(input, 0), radius, &merged);
+    rc = ds_merge_plane_spots(PyArray_DATA(input), (size_t)PyArray_DIM(input, 0), radius, &merged);
     Py_END_ALLOW_THREADS
     Py_DECREF(input);
     PyObject *result = rc == DS_OK ? spots_to_array(&merged) : ds_py_raise(rc);
-    spot_list_free(&merged);
+    ds_spot_list_free(&merged);
     return result;
 }
 

@@ -39,7 +39,7 @@ static void staging_begin(staging *s)
     *s = (staging){.rc = DS_OK};
     PyThread_acquire_lock(single_op_lock, WAIT_LOCK);
     if (!shared_backend)
-        s->rc = backend_create(&shared_backend, DS_MATH_FLOAT32);
+        s->rc = ds_backend_create(&shared_backend, DS_MATH_FLOAT32);
     s->backend = shared_backend;
 }
 
@@ -54,9 +54,9 @@ static void *stage(staging *s, PyArrayObject *a, int mode)
     }
     void *memory = NULL;
     size_t bytes = (size_t)PyArray_NBYTES(a);
-    s->rc = backend_alloc(s->backend, &memory, bytes);
+    s->rc = ds_backend_alloc(s->backend, &memory, bytes);
     if (s->rc == DS_OK && (mode & STAGE_IN))
-        s->rc = backend_upload(s->backend, memory, PyArray_DATA(a), bytes);
+        s->rc = ds_backend_upload(s->backend, memory, PyArray_DATA(a), bytes);
     if (memory) {
         s->arrays[s->count] = a;
         s->memory[s->count] = memory;
@@ -73,9 +73,9 @@ static ds_status staging_finish(staging *s, ds_status rc)
         s->rc = rc;
     for (int i = 0; i < s->count; i++) {
         if (s->rc == DS_OK && (s->mode[i] & STAGE_OUT))
-            s->rc = backend_download(s->backend, PyArray_DATA(s->arrays[i]), s->memory[i],
-                                     (size_t)PyArray_NBYTES(s->arrays[i]));
-        backend_free(s->backend, s->memory[i]);
+            s->rc = ds_backend_download(s->backend, PyArray_DATA(s->arrays[i]), s->memory[i],
+                                        (size_t)PyArray_NBYTES(s->arrays[i]));
+        ds_backend_free(s->backend, s->memory[i]);
     }
     PyThread_release_lock(single_op_lock);
     return s->rc;
@@ -104,7 +104,7 @@ static PyObject *run_unary(op_builder build, const void *args, unary_forward for
         rc = build(&op, st.backend, args);
     if (rc == DS_OK)
         rc = forward(op, src_memory, dst_memory);
-    op_destroy(op);
+    ds_op_destroy(op);
     rc = staging_finish(&st, rc);
     Py_END_ALLOW_THREADS
     Py_DECREF(src);
@@ -123,7 +123,7 @@ typedef struct {
 static ds_status build_conv(ds_op **op, ds_backend *backend, const void *args)
 {
     const conv_args *a = args;
-    return conv_forward_create(op, backend, &a->desc, a->weight, a->bias);
+    return ds_conv_forward_create(op, backend, &a->desc, a->weight, a->bias);
 }
 
 static PyObject *py_conv2d(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -156,7 +156,7 @@ static PyObject *py_conv2d(PyObject *self, PyObject *args, PyObject *kwargs)
         .weight = PyArray_DATA(w),
         .bias = PyArray_DATA(b)};
     conv_desc *d = &a.desc;
-    if (conv_output_size(d) != DS_OK) {
+    if (ds_conv_output_size(d) != DS_OK) {
         PyErr_SetString(PyExc_ValueError, "conv2d: empty output");
         goto done;
     }
@@ -176,7 +176,7 @@ static PyObject *py_conv2d(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     if (!y)
         goto done;
-    result = run_unary(build_conv, &a, conv_forward, x, y);
+    result = run_unary(build_conv, &a, ds_conv_forward, x, y);
     x = y = NULL;
 done:
     Py_XDECREF(x);
@@ -195,8 +195,8 @@ typedef struct {
 static ds_status build_batchnorm_relu(ds_op **op, ds_backend *backend, const void *args)
 {
     const batchnorm_args *a = args;
-    return batchnorm_relu_forward_create(op, backend, a->batch, a->channels, a->height, a->width, a->gamma, a->beta,
-                                         a->mean, a->variance, a->epsilon);
+    return ds_batchnorm_relu_forward_create(op, backend, a->batch, a->channels, a->height, a->width, a->gamma, a->beta,
+                                            a->mean, a->variance, a->epsilon);
 }
 
 static PyObject *py_batchnorm_relu(PyObject *self, PyObject *args)
@@ -222,7 +222,7 @@ static PyObject *py_batchnorm_relu(PyObject *self, PyObject *args)
     batchnorm_args bn = {.batch = (int)xd[0], .channels = (int)xd[3], .height = (int)xd[1], .width = (int)xd[2],
                          .gamma = PyArray_DATA(a[1]), .beta = PyArray_DATA(a[2]), .mean = PyArray_DATA(a[3]),
                          .variance = PyArray_DATA(a[4]), .epsilon = epsilon};
-    result = run_unary(build_batchnorm_relu, &bn, batchnorm_relu_forward, a[0], y);
+    result = run_unary(build_batchnorm_relu, &bn, ds_batchnorm_relu_forward, a[0], y);
     a[0] = y = NULL;
 done:
     for (int i = 0; i < 5; i++)
@@ -238,8 +238,8 @@ typedef struct {
 static ds_status build_maxpool(ds_op **op, ds_backend *backend, const void *args)
 {
     const maxpool_args *a = args;
-    return maxpool_forward_create(op, backend, a->batch, a->channels, a->height, a->width, a->out_height,
-                                  a->out_width, a->kernel, a->stride, a->pad_before, a->pad_after);
+    return ds_maxpool_forward_create(op, backend, a->batch, a->channels, a->height, a->width, a->out_height,
+                                     a->out_width, a->kernel, a->stride, a->pad_before, a->pad_after);
 }
 
 static PyObject *py_maxpool(PyObject *self, PyObject *args, PyObject *kwargs)
@@ -258,14 +258,14 @@ static PyObject *py_maxpool(PyObject *self, PyObject *args, PyObject *kwargs)
     p.height = (int)xd[1];
     p.width = (int)xd[2];
     p.channels = (int)xd[3];
-    ds_status rc = maxpool_output_size(p.height, p.width, p.kernel, p.stride, p.pad_before, p.pad_after,
-                                       &p.out_height, &p.out_width);
+    ds_status rc = ds_maxpool_output_size(p.height, p.width, p.kernel, p.stride, p.pad_before, p.pad_after,
+                                          &p.out_height, &p.out_width);
     PyArrayObject *y = rc == DS_OK ? ds_py_new_nhwc(p.batch, p.out_height, p.out_width, p.channels) : NULL;
     if (!y) {
         Py_DECREF(x);
         return rc == DS_OK ? NULL : ds_py_raise(rc);
     }
-    return run_unary(build_maxpool, &p, maxpool_forward, x, y);
+    return run_unary(build_maxpool, &p, ds_maxpool_forward, x, y);
 }
 
 static PyObject *py_concat(PyObject *self, PyObject *arg)
@@ -305,10 +305,10 @@ static PyObject *py_concat(PyObject *self, PyObject *arg)
     ds_op *op = NULL;
     rc = st.rc;
     if (rc == DS_OK)
-        rc = concat_forward_create(&op, st.backend, (int)d0[0], (int)d0[1], (int)d0[2], (int)n, channels);
+        rc = ds_concat_forward_create(&op, st.backend, (int)d0[0], (int)d0[1], (int)d0[2], (int)n, channels);
     if (rc == DS_OK)
-        rc = concat_forward(op, srcs, dst);
-    op_destroy(op);
+        rc = ds_concat_forward(op, srcs, dst);
+    ds_op_destroy(op);
     rc = staging_finish(&st, rc);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK) {
@@ -346,7 +346,7 @@ static PyObject *py_conv2d_backward(PyObject *self, PyObject *args, PyObject *kw
     conv_desc d = {.transposed = transposed, .batch = (int)xd[0], .in_channels = (int)xd[3], .in_height = (int)xd[1],
                    .in_width = (int)xd[2], .out_channels = (int)wd[0], .kernel = (int)wd[2], .stride = stride,
                    .dilation = dilation, .pad_before = pad_before, .pad_after = pad_after};
-    if (conv_output_size(&d) != DS_OK || PyArray_DIM(dy, 0) != d.batch || PyArray_DIM(dy, 1) != d.out_height ||
+    if (ds_conv_output_size(&d) != DS_OK || PyArray_DIM(dy, 0) != d.batch || PyArray_DIM(dy, 1) != d.out_height ||
         PyArray_DIM(dy, 2) != d.out_width || PyArray_DIM(dy, 3) != d.out_channels) {
         PyErr_SetString(PyExc_ValueError, "conv2d_backward: dy must have the output's shape");
         goto done;
@@ -366,12 +366,12 @@ static PyObject *py_conv2d_backward(PyObject *self, PyObject *args, PyObject *kw
           *db_ = stage(&st, db, STAGE_OUT), *dx_ = need_dx ? stage(&st, dx, STAGE_OUT) : NULL;
     rc = st.rc;
     if (rc == DS_OK)
-        rc = conv_train_create(&op, st.backend, &d, need_dx);
+        rc = ds_conv_train_create(&op, st.backend, &d, need_dx);
     if (rc == DS_OK)
-        rc = conv_train_forward(op, y_, x_, w_, b_);
+        rc = ds_conv_train_forward(op, y_, x_, w_, b_);
     if (rc == DS_OK)
-        rc = conv_backward(op, dx_, dw_, db_, dy_, x_);
-    train_op_destroy(op);
+        rc = ds_conv_backward(op, dx_, dw_, db_, dy_, x_);
+    ds_train_op_destroy(op);
     rc = staging_finish(&st, rc);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
@@ -427,13 +427,13 @@ static PyObject *py_batchnorm_train(PyObject *self, PyObject *args, PyObject *kw
           *dbeta_ = stage(&st, dbeta, STAGE_OUT);
     rc = st.rc;
     if (rc == DS_OK)
-        rc = batchnorm_train_create(&op, st.backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], epsilon, relu,
-                                    1);
+        rc = ds_batchnorm_train_create(&op, st.backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], epsilon, relu,
+                                       1);
     if (rc == DS_OK)
-        rc = batchnorm_train_forward(op, y_, mean_, var_, x_, g_, b_);
+        rc = ds_batchnorm_train_forward(op, y_, mean_, var_, x_, g_, b_);
     if (rc == DS_OK)
-        rc = batchnorm_backward(op, dx_, dg_, dbeta_, dy_, x_, mean_, var_, g_, b_);
-    train_op_destroy(op);
+        rc = ds_batchnorm_backward(op, dx_, dg_, dbeta_, dy_, x_, mean_, var_, g_, b_);
+    ds_train_op_destroy(op);
     rc = staging_finish(&st, rc);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
@@ -468,7 +468,7 @@ static PyObject *py_maxpool_backward(PyObject *self, PyObject *args, PyObject *k
         goto done;
     npy_intp *xd = PyArray_DIMS(x);
     int oh, ow;
-    ds_status rc = maxpool_output_size((int)xd[1], (int)xd[2], kernel, stride, pad_before, pad_after, &oh, &ow);
+    ds_status rc = ds_maxpool_output_size((int)xd[1], (int)xd[2], kernel, stride, pad_before, pad_after, &oh, &ow);
     if (rc != DS_OK) {
         ds_py_raise(rc);
         goto done;
@@ -488,13 +488,13 @@ static PyObject *py_maxpool_backward(PyObject *self, PyObject *args, PyObject *k
           *dx_ = stage(&st, dx, STAGE_OUT);
     rc = st.rc;
     if (rc == DS_OK)
-        rc = maxpool_train_create(&op, st.backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], oh, ow, kernel,
-                                  stride, pad_before, pad_after);
+        rc = ds_maxpool_train_create(&op, st.backend, (int)xd[0], (int)xd[3], (int)xd[1], (int)xd[2], oh, ow, kernel,
+                                     stride, pad_before, pad_after);
     if (rc == DS_OK)
-        rc = maxpool_train_forward(op, y_, x_);
+        rc = ds_maxpool_train_forward(op, y_, x_);
     if (rc == DS_OK)
-        rc = maxpool_backward(op, dx_, dy_);
-    train_op_destroy(op);
+        rc = ds_maxpool_backward(op, dx_, dy_);
+    ds_train_op_destroy(op);
     rc = staging_finish(&st, rc);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
@@ -553,8 +553,8 @@ static PyObject *py_concat_backward(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++)
         dsrcs[i] = stage(&st, parts[i], STAGE_OUT);
     const float *ddst = stage(&st, dy, STAGE_IN);
-    rc = staging_finish(&st, st.rc == DS_OK ? concat_backward(st.backend, dsrcs, ddst, (size_t)(d[0] * d[1] * d[2]),
-                                                              (int)n, channels)
+    rc = staging_finish(&st, st.rc == DS_OK ? ds_concat_backward(st.backend, dsrcs, ddst, (size_t)(d[0] * d[1] * d[2]),
+                                                                 (int)n, channels)
                                             : st.rc);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK) {
@@ -595,7 +595,8 @@ static PyObject *binary_kernel(PyObject *args, int which)
         float *out_ = stage(&st, out, STAGE_OUT);
         rc = st.rc;
         if (rc == DS_OK)
-            rc = which == 0 ? relu_backward(st.backend, out_, a_, b_, n, 0) : add_forward(st.backend, out_, a_, b_, n);
+            rc = which == 0 ? ds_relu_backward(st.backend, out_, a_, b_, n, 0)
+                            : ds_add_forward(st.backend, out_, a_, b_, n);
         rc = staging_finish(&st, rc);
         Py_END_ALLOW_THREADS
         if (rc != DS_OK) {
@@ -636,9 +637,9 @@ static PyObject *py_spatial_dropout(PyObject *self, PyObject *args, PyObject *kw
         float *x_ = stage(&st, x, STAGE_IN), *y_ = stage(&st, y, STAGE_OUT), *mask_ = stage(&st, mask, STAGE_OUT);
         rc = st.rc;
         if (rc == DS_OK)
-            rc = dropout_mask(st.backend, mask_, (int)d[0], (int)d[3], rate, seed, stream);
+            rc = ds_dropout_mask(st.backend, mask_, (int)d[0], (int)d[3], rate, seed, stream);
         if (rc == DS_OK)
-            rc = spatial_dropout_forward(st.backend, y_, x_, mask_, (int)d[0], (size_t)(d[1] * d[2]), (int)d[3]);
+            rc = ds_spatial_dropout_forward(st.backend, y_, x_, mask_, (int)d[0], (size_t)(d[1] * d[2]), (int)d[3]);
         rc = staging_finish(&st, rc);
         Py_END_ALLOW_THREADS
         result = rc == DS_OK ? Py_BuildValue("(OO)", y, mask) : ds_py_raise(rc);
@@ -677,8 +678,8 @@ static PyObject *py_deepspot_loss(PyObject *self, PyObject *args, PyObject *kwar
         const float *z_ = stage(&st, z, STAGE_IN), *t_ = stage(&st, t, STAGE_IN);
         float *pred_ = stage(&st, pred, STAGE_OUT), *dz_ = stage(&st, dz, STAGE_OUT);
         double *terms_ = stage(&st, terms, STAGE_OUT);
-        rc = staging_finish(&st, st.rc == DS_OK ? deepspot_loss(st.backend, terms_, pred_, dz_, z_, t_, (int)d[0],
-                                                                (size_t)(d[1] * d[2]), bce_mode, max_mode)
+        rc = staging_finish(&st, st.rc == DS_OK ? ds_deepspot_loss(st.backend, terms_, pred_, dz_, z_, t_, (int)d[0],
+                                                                   (size_t)(d[1] * d[2]), bce_mode, max_mode)
                                                 : st.rc);
         Py_END_ALLOW_THREADS
         const double *v = PyArray_DATA(terms);
@@ -725,8 +726,8 @@ static PyObject *py_adam_update(PyObject *self, PyObject *args, PyObject *kwargs
     staging_begin(&st);
     float *param = stage(&st, a[0], STAGE_INOUT), *m = stage(&st, a[1], STAGE_INOUT),
           *v = stage(&st, a[2], STAGE_INOUT), *grad = stage(&st, a[3], STAGE_IN);
-    rc = staging_finish(&st, st.rc == DS_OK ? adam_update(st.backend, param, m, v, grad, (size_t)PyArray_SIZE(a[0]),
-                                                          lr, beta1, beta2, epsilon, step, NULL)
+    rc = staging_finish(&st, st.rc == DS_OK ? ds_adam_update(st.backend, param, m, v, grad, (size_t)PyArray_SIZE(a[0]),
+                                                             lr, beta1, beta2, epsilon, step, NULL)
                                             : st.rc);
     Py_END_ALLOW_THREADS
     result = rc == DS_OK ? Py_BuildValue("(OOO)", a[0], a[1], a[2]) : ds_py_raise(rc);

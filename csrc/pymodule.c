@@ -136,7 +136,7 @@ static int Network_init(NetworkObject *self, PyObject *args, PyObject *kwargs)
     ds_model *model = NULL;
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = model_load(&model, PyBytes_AS_STRING(path_obj), math_mode);
+    rc = ds_model_load(&model, PyBytes_AS_STRING(path_obj), math_mode);
     Py_END_ALLOW_THREADS
     Py_DECREF(path_obj);
     if (rc != DS_OK) {
@@ -147,13 +147,13 @@ static int Network_init(NetworkObject *self, PyObject *args, PyObject *kwargs)
     ds_model *old = self->model;
     self->model = model;
     PyThread_release_lock(self->lock);
-    model_free(old);
+    ds_model_free(old);
     return 0;
 }
 
 static void Network_dealloc(NetworkObject *self)
 {
-    model_free(self->model);
+    ds_model_free(self->model);
     if (self->lock)
         PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -186,7 +186,7 @@ static PyObject *Network_forward(NetworkObject *self, PyObject *args, PyObject *
     if (dims[0] > INT32_MAX || dims[1] > INT32_MAX / 8 || dims[2] > INT32_MAX / 8)
         rc = ds_fail(DS_ERR_VALUE, "input is too large");
     if (rc == DS_OK)
-        rc = model_stage_shapes(first, last, (int)dims[1], (int)dims[2], &in_c, &out_c, &out_h, &out_w);
+        rc = ds_model_stage_shapes(first, last, (int)dims[1], (int)dims[2], &in_c, &out_c, &out_h, &out_w);
     if (rc == DS_OK && dims[3] != in_c)
         rc = ds_fail(DS_ERR_VALUE, "input has %ld channels; stage %d expects %d", (long)dims[3], first, in_c);
     if (rc != DS_OK) {
@@ -201,8 +201,8 @@ static PyObject *Network_forward(NetworkObject *self, PyObject *args, PyObject *
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    rc = model_forward_stages(model, first, last, (int)dims[0], (int)dims[1], (int)dims[2], PyArray_DATA(input),
-                              PyArray_DATA(output));
+    rc = ds_model_forward_stages(model, first, last, (int)dims[0], (int)dims[1], (int)dims[2], PyArray_DATA(input),
+                                 PyArray_DATA(output));
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     Py_DECREF(input);
@@ -218,7 +218,7 @@ static PyObject *Network_num_parameters(NetworkObject *self, void *closure)
     ds_model *model = network_enter(self);
     if (!model)
         return NULL;
-    size_t count = model_num_parameters(model);
+    size_t count = ds_model_num_parameters(model);
     PyThread_release_lock(self->lock);
     return PyLong_FromSize_t(count);
 }
@@ -228,7 +228,7 @@ static PyObject *Network_math(NetworkObject *self, void *closure)
     ds_model *model = network_enter(self);
     if (!model)
         return NULL;
-    int mode = model_math_mode(model);
+    int mode = ds_model_math_mode(model);
     PyThread_release_lock(self->lock);
     return PyUnicode_FromString(math_names[mode]);
 }
@@ -286,7 +286,7 @@ static int Trainer_init(TrainerObject *self, PyObject *args, PyObject *kwargs)
                                "bn_bessel", "bce", "max_term", "seed", "batch_norm", NULL};
     PyObject *network;
     ds_train_config cfg;
-    train_config_default(&cfg);
+    ds_train_config_default(&cfg);
     const char *bce = "logits", *max_term = "batch", *batch_norm = "batch";
     int bessel = 0;
     unsigned long long seed = 0;
@@ -304,11 +304,11 @@ static int Trainer_init(TrainerObject *self, PyObject *args, PyObject *kwargs)
     ds_model *model = network_enter(source);
     if (!model)
         return -1;
-    cfg.math_mode = model_math_mode(model);
+    cfg.math_mode = ds_model_math_mode(model);
     ds_trainer *trainer = NULL;
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = trainer_create(&trainer, model_parameters(model), &cfg);
+    rc = ds_trainer_create(&trainer, ds_model_parameters(model), &cfg);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(source->lock);
     if (rc != DS_OK) {
@@ -319,13 +319,13 @@ static int Trainer_init(TrainerObject *self, PyObject *args, PyObject *kwargs)
     ds_trainer *old = self->trainer;
     self->trainer = trainer;
     PyThread_release_lock(self->lock);
-    trainer_free(old);
+    ds_trainer_free(old);
     return 0;
 }
 
 static void Trainer_dealloc(TrainerObject *self)
 {
-    trainer_free(self->trainer);
+    ds_trainer_free(self->trainer);
     if (self->lock)
         PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -381,12 +381,12 @@ static PyObject *trainer_run_batch(TrainerObject *self, PyObject *args, trainer_
 
 static PyObject *Trainer_step(TrainerObject *self, PyObject *args)
 {
-    return trainer_run_batch(self, args, trainer_step);
+    return trainer_run_batch(self, args, ds_trainer_step);
 }
 
 static PyObject *Trainer_gradients(TrainerObject *self, PyObject *args)
 {
-    return trainer_run_batch(self, args, trainer_compute_gradients);
+    return trainer_run_batch(self, args, ds_trainer_compute_gradients);
 }
 
 static PyObject *Trainer_evaluate(TrainerObject *self, PyObject *args, PyObject *kwargs)
@@ -410,8 +410,8 @@ static PyObject *Trainer_evaluate(TrainerObject *self, PyObject *args, PyObject 
     ds_loss_value value = {0};
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = trainer_evaluate(trainer, (int)d[0], (int)d[1], (int)d[2], PyArray_DATA(images),
-                          targets ? PyArray_DATA(targets) : NULL, PyArray_DATA(pred), &value);
+    rc = ds_trainer_evaluate(trainer, (int)d[0], (int)d[1], (int)d[2], PyArray_DATA(images),
+                             targets ? PyArray_DATA(targets) : NULL, PyArray_DATA(pred), &value);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     Py_DECREF(images);
@@ -433,7 +433,7 @@ static PyObject *Trainer_get(TrainerObject *self, PyObject *arg)
     if (!trainer)
         return NULL;
     const ds_param_entry *e;
-    if (trainer_find_tensor(trainer, name, &e) != DS_OK) {
+    if (ds_trainer_find_tensor(trainer, name, &e) != DS_OK) {
         PyThread_release_lock(self->lock);
         PyErr_SetString(PyExc_KeyError, ds_last_error());
         return NULL;
@@ -445,7 +445,7 @@ static PyObject *Trainer_get(TrainerObject *self, PyObject *arg)
     ds_status rc = DS_OK;
     if (out) {
         Py_BEGIN_ALLOW_THREADS
-        rc = trainer_read_tensor(trainer, name, PyArray_DATA(out));
+        rc = ds_trainer_read_tensor(trainer, name, PyArray_DATA(out));
         Py_END_ALLOW_THREADS
     }
     PyThread_release_lock(self->lock);
@@ -468,7 +468,7 @@ static PyObject *Trainer_set(TrainerObject *self, PyObject *args)
     const ds_param_entry *e;
     PyArrayObject *value = NULL;
     ds_status rc = DS_OK;
-    if (trainer_find_tensor(trainer, name, &e) != DS_OK) {
+    if (ds_trainer_find_tensor(trainer, name, &e) != DS_OK) {
         PyErr_SetString(PyExc_KeyError, ds_last_error());
         goto done;
     }
@@ -483,7 +483,7 @@ static PyObject *Trainer_set(TrainerObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    rc = trainer_write_tensor(trainer, name, PyArray_DATA(value));
+    rc = ds_trainer_write_tensor(trainer, name, PyArray_DATA(value));
     Py_END_ALLOW_THREADS
     if (rc != DS_OK)
         ds_py_raise(rc);
@@ -507,7 +507,7 @@ static PyObject *Trainer_load(TrainerObject *self, PyObject *arg)
     }
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = trainer_load(trainer, PyBytes_AS_STRING(path));
+    rc = ds_trainer_load(trainer, PyBytes_AS_STRING(path));
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     Py_DECREF(path);
@@ -524,14 +524,14 @@ static PyObject *Trainer_to_network(TrainerObject *self, PyObject *unused)
     ds_model *model = NULL;
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = trainer_to_model(trainer, &model);
+    rc = ds_trainer_to_model(trainer, &model);
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->lock);
     if (rc != DS_OK)
         return ds_py_raise(rc);
     NetworkObject *network = (NetworkObject *)Network_new(&NetworkType, NULL, NULL);
     if (!network) {
-        model_free(model);
+        ds_model_free(model);
         return NULL;
     }
     network->model = model;
@@ -543,10 +543,10 @@ static PyObject *Trainer_get_names(TrainerObject *self, void *closure)
     ds_trainer *trainer = trainer_enter(self, 1);
     if (!trainer)
         return NULL;
-    int n = trainer_num_tensors(trainer);
+    int n = ds_trainer_num_tensors(trainer);
     PyObject *list = PyList_New(n);
     for (int i = 0; list && i < n; i++) {
-        PyObject *name = PyUnicode_FromString(trainer_tensor_entry(trainer, i)->name);
+        PyObject *name = PyUnicode_FromString(ds_trainer_tensor_entry(trainer, i)->name);
         if (!name) {
             Py_CLEAR(list);
             break;
@@ -562,7 +562,7 @@ static PyObject *Trainer_get_step_count(TrainerObject *self, void *closure)
     ds_trainer *trainer = trainer_enter(self, 1);
     if (!trainer)
         return NULL;
-    long step = trainer_step_count(trainer);
+    long step = ds_trainer_step_count(trainer);
     PyThread_release_lock(self->lock);
     return PyLong_FromLong(step);
 }
@@ -577,7 +577,7 @@ static int Trainer_set_step_count(TrainerObject *self, PyObject *value, void *cl
     }
     lock_wait(self->lock);
     if (step >= 0 && self->trainer)
-        trainer_set_step_count(self->trainer, step);
+        ds_trainer_set_step_count(self->trainer, step);
     else
         PyErr_SetString(PyExc_ValueError, "step_count must be >= 0 on an initialised trainer");
     PyThread_release_lock(self->lock);
@@ -589,7 +589,7 @@ static PyObject *Trainer_get_arena_bytes(TrainerObject *self, void *closure)
     ds_trainer *trainer = trainer_enter(self, 1);
     if (!trainer)
         return NULL;
-    size_t bytes = trainer_arena_bytes(trainer);
+    size_t bytes = ds_trainer_arena_bytes(trainer);
     PyThread_release_lock(self->lock);
     return PyLong_FromSize_t(bytes);
 }
@@ -599,7 +599,7 @@ static PyObject *Trainer_get_config(TrainerObject *self, void *closure)
     ds_trainer *trainer = trainer_enter(self, 1);
     if (!trainer)
         return NULL;
-    ds_train_config c = *trainer_get_config(trainer);
+    ds_train_config c = *ds_trainer_get_config(trainer);
     PyThread_release_lock(self->lock);
     return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:O,s:s,s:s,s:K,s:s}", "learning_rate", (double)c.learning_rate,
                          "beta1", c.beta1, "beta2", c.beta2, "epsilon", (double)c.adam_epsilon,
@@ -659,7 +659,7 @@ static PyObject *py_probe(PyObject *self, PyObject *unused)
     char description[256];
     ds_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = backend_probe(description, sizeof description);
+    rc = ds_backend_probe(description, sizeof description);
     Py_END_ALLOW_THREADS
     if (rc != DS_OK) {
         PyErr_SetString(PyExc_RuntimeError, ds_last_error());
