@@ -1,10 +1,12 @@
 /* train.c - the DeepSpot training graph (see train.h).
  *
- * A graph is built per (batch, height, width, mode) as a list of nodes in forward order; node i runs
+ * A graph is built per (batch, height, width, mode) from the network's layer table (network.h), one
+ * node per layer, as a list of nodes in forward order; node i runs
  * its forward at schedule step i and its backward at step 2N-1-i. Every tensor (activation,
  * gradient of an activation, saved batch statistics, dropout mask, scratch) gets a lifetime on that
  * schedule and an offset in one arena (greedy first fit among tensors whose lifetimes overlap),
  * so an activation's memory is reused once its last backward consumer has run.
+ * The inference mode of the same graph (moving statistics, no dropout) is trainer_evaluate's forward.
  * Unlike the inference plan nothing is folded: BN runs on batch statistics and its ReLU is fused;
  * dropout and residual adds are the kernels of ops.h. A tensor read by several nodes gets its
  * gradient written by the last of them (first in backward order) and accumulated by the others.
@@ -20,6 +22,7 @@
 #include <string.h>
 
 #include "arena.h"
+#include "network.h"
 #include "safetensors.h"
 
 /* ---------------------------------------------------------------- configuration */
@@ -240,57 +243,42 @@ static ds_status g_drop_add(graph *g, int a, int b, int *out, int relu)
     return DS_OK;
 }
 
+/* The training graph of the network's table (network.h), layer by layer, nothing folded. */
 static ds_status build_network(graph *g, ds_trainer *tr)
 {
     ds_backend *be = tr->backend;
-    model_params *p = &tr->params, *d = &tr->grads;
-    int x, t, u;
+    ds_network net;
+    ds_network_describe(&net);
+    int id[DS_MAX_TENSORS]; /* the graph tensor of each table tensor */
+    int image = net.stage_input[STAGE_ENCODER];
     DS_TRY(new_tensor(g, &g->input, 1, g->height, g->width));
     DS_TRY(new_tensor(g, &g->target, 1, g->height, g->width));
-    x = g->input;
-    /* CASO: three paths from the raw input */
-    int paths[CASO_PATHS];
-    for (int path = 0; path < CASO_PATHS; path++) {
-        t = x;
-        for (int i = 0; i < 3; i++) {
-            conv_params *cp = &p->caso[path].conv[i], *cg = &d->caso[path].conv[i];
-            bn_params *bp = &p->caso[path].bn[i], *bg = &d->caso[path].bn[i];
-            int stride = path == CASO_STRIDED ? 2 : 1, dilation = path == CASO_ATROUS ? 2 : 1;
-            DS_TRY(g_conv(g, be, t, &u, cp, cg, 0, stride, dilation, i > 0));
-            DS_TRY(g_bn(g, be, u, &t, bp, bg, 1));
-            if (path != CASO_STRIDED) {
-                DS_TRY(g_pool(g, be, t, &u));
-                t = u;
-            }
+    id[image] = g->input;
+    for (int i = 0; i < net.n_layers; i++) {
+        const ds_layer *l = &net.layers[i];
+        int in[CONCAT_MAX_INPUTS];
+        for (int k = 0; k < l->n_in; k++)
+            in[k] = id[l->in[k]];
+        switch (l->kind) {
+        case DS_LAYER_CONV: /* no data gradient for the image */
+            DS_TRY(g_conv(g, be, in[0], &id[l->out], ds_layer_conv(l, &tr->params), ds_layer_conv(l, &tr->grads),
+                          l->transposed, l->stride, l->dilation, l->in[0] != image));
+            break;
+        case DS_LAYER_BN:
+            DS_TRY(g_bn(g, be, in[0], &id[l->out], ds_layer_bn(l, &tr->params), ds_layer_bn(l, &tr->grads), l->relu));
+            break;
+        case DS_LAYER_POOL:
+            DS_TRY(g_pool(g, be, in[0], &id[l->out]));
+            break;
+        case DS_LAYER_CONCAT:
+            DS_TRY(g_concat(g, be, in, l->n_in, &id[l->out]));
+            break;
+        case DS_LAYER_ADD:
+            DS_TRY(g_drop_add(g, in[0], in[1], &id[l->out], l->relu));
+            break;
         }
-        paths[path] = t;
     }
-    DS_TRY(g_concat(g, be, paths, CASO_PATHS, &t));
-    /* trunk: pre-activation bottlenecks */
-    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
-        int h = t, shortcut = t, a;
-        for (int i = 0; i < 3; i++) {
-            DS_TRY(g_bn(g, be, h, &a, &p->trunk[b].bn[i], &d->trunk[b].bn[i], 1));
-            DS_TRY(g_conv(g, be, a, &h, &p->trunk[b].conv[i], &d->trunk[b].conv[i], 0, 1, 1, 1));
-        }
-        if (b == 0) {
-            DS_TRY(g_conv(g, be, t, &u, &p->trunk[0].shortcut_conv, &d->trunk[0].shortcut_conv, 0, 1, 1, 1));
-            DS_TRY(g_bn(g, be, u, &shortcut, &p->trunk[0].shortcut_bn, &d->trunk[0].shortcut_bn, 0));
-        }
-        DS_TRY(g_drop_add(g, h, shortcut, &t, 0));
-    }
-    /* decoder: up-residual blocks */
-    for (int j = 0; j < 3; j++) {
-        int h = t, s;
-        for (int i = 0; i < 3; i++) {
-            DS_TRY(g_conv(g, be, h, &u, &p->decoder[j].convt[i], &d->decoder[j].convt[i], 1, i == 0 ? 2 : 1, 1, 1));
-            DS_TRY(g_bn(g, be, u, &h, &p->decoder[j].bn[i], &d->decoder[j].bn[i], i < 2));
-        }
-        DS_TRY(g_conv(g, be, t, &u, &p->decoder[j].shortcut_convt, &d->decoder[j].shortcut_convt, 1, 2, 1, 1));
-        DS_TRY(g_bn(g, be, u, &s, &p->decoder[j].shortcut_bn, &d->decoder[j].shortcut_bn, 0));
-        DS_TRY(g_drop_add(g, h, s, &t, 1));
-    }
-    DS_TRY(g_conv(g, be, t, &g->logits, &p->head, &d->head, 0, 1, 1, 1));
+    g->logits = id[net.output];
     int in[2] = {g->logits, g->target};
     node *n;
     DS_TRY(new_node(g, &n, N_LOSS, in, 2));
