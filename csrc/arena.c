@@ -5,7 +5,7 @@
 
 static size_t aligned_size(size_t floats) { return (floats + ARENA_ALIGN_FLOATS - 1) & ~(size_t)(ARENA_ALIGN_FLOATS - 1); }
 
-size_t arena_place(arena_slot *slots, int count)
+size_t ds_arena_place(arena_slot *slots, int count)
 {
     size_t top = 0;
     for (int i = 0; i < count; i++) {

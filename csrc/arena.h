@@ -9,10 +9,10 @@
 typedef struct {
     size_t floats;   /* size */
     int first, last; /* the schedule steps it is alive in, inclusive */
-    size_t offset;   /* set by arena_place, in floats; 64-byte aligned */
+    size_t offset;   /* set by ds_arena_place, in floats; 64-byte aligned */
 } arena_slot;
 
 /* Places the slots in order; returns the arena's size in floats. */
-size_t arena_place(arena_slot *slots, int count);
+size_t ds_arena_place(arena_slot *slots, int count);
 
 #endif

@@ -69,6 +69,6 @@ static __device__ inline float ds_sigmoid(float z)
 }
 
 /* Makes the shared workspace at least `bytes` long (called while ops are created). */
-ds_status backend_reserve_workspace(ds_backend *backend, size_t bytes);
+ds_status ds_backend_reserve_workspace(ds_backend *backend, size_t bytes);
 
 #endif

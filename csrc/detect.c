@@ -26,7 +26,7 @@ static ds_status grow_array(void *items, size_t *capacity, size_t item_size, voi
     return DS_OK;
 }
 
-void spot_list_free(ds_spot_list *list)
+void ds_spot_list_free(ds_spot_list *list)
 {
     free(list->items);
     list->items = NULL;
@@ -46,7 +46,7 @@ static ds_status spot_list_push(ds_spot_list *list, ds_spot spot)
 
 /* ---------------------------------------------------------------- argument checks */
 
-ds_status subpixel_mode_from_name(const char *name, ds_subpixel_mode *mode)
+ds_status ds_subpixel_mode_from_name(const char *name, ds_subpixel_mode *mode)
 {
     static const char *const names[] = {"none", "centroid", "gaussian"};
     for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++) {
@@ -264,7 +264,7 @@ static ds_status store_detail_row(void *context, int scale, int y, const float *
     return DS_OK;
 }
 
-ds_status wavelet_transform(int height, int width, const float *image, int num_scales, float *details)
+ds_status ds_wavelet_transform(int height, int width, const float *image, int num_scales, float *details)
 {
     if (num_scales < 1 || num_scales > DS_WAVELET_MAX_SCALE)
         return ds_fail(DS_ERR_VALUE, "num_scales must be in 1..%d, got %d", DS_WAVELET_MAX_SCALE, num_scales);
@@ -755,8 +755,8 @@ static ds_status components_to_spots(int height, int width, const float *image, 
     return rc;
 }
 
-ds_status detect_wavelet(int height, int width, const float *image, const float *raw, const wavelet_params *params,
-                         ds_spot_list *spots)
+ds_status ds_detect_wavelet(int height, int width, const float *image, const float *raw, const wavelet_params *params,
+                            ds_spot_list *spots)
 {
     int max_scale = 0;
     DS_TRY(check_wavelet_params(params, &max_scale));
@@ -872,8 +872,8 @@ static ds_status suppress_close_peaks(int height, int width, double min_distance
     return DS_OK;
 }
 
-ds_status detect_peaks(int height, int width, const float *image, const float *raw, const peak_params *params,
-                       ds_spot_list *spots)
+ds_status ds_detect_peaks(int height, int width, const float *image, const float *raw, const peak_params *params,
+                          ds_spot_list *spots)
 {
     DS_TRY(check_peak_params(params));
     DS_TRY(check_plane(height, width, image, raw));
@@ -982,7 +982,7 @@ static ds_status find_plane_links(const ds_spot *spots, const plane_key *keys, s
     return DS_OK;
 }
 
-ds_status merge_plane_spots(const ds_spot *spots, size_t count, float radius, ds_spot_list *merged)
+ds_status ds_merge_plane_spots(const ds_spot *spots, size_t count, float radius, ds_spot_list *merged)
 {
     if (!(radius >= 0) || !isfinite(radius))
         return ds_fail(DS_ERR_VALUE, "merge radius must be a finite number >= 0, got %g", (double)radius);

@@ -8,7 +8,7 @@
  *
  * Ownership: every detector appends to a caller-owned ds_spot_list. Start from a zeroed list
  * (ds_spot_list spots = {0};), call detectors as often as wanted (a z-stack's planes can go
- * into one list), and release it with spot_list_free(). On failure the list keeps what was
+ * into one list), and release it with ds_spot_list_free(). On failure the list keeps what was
  * appended before the failing call, and stays valid to free. */
 #ifndef DS_DETECT_H
 #define DS_DETECT_H
@@ -20,11 +20,11 @@
 #define DS_MAX_WINDOW_RADIUS 15
 
 typedef struct {
-    float z;         /* plane index: 0 from the 2D detectors; callers set it before merge_plane_spots() */
+    float z;         /* plane index: 0 from the 2D detectors; callers set it before ds_merge_plane_spots() */
     float y, x;      /* position in pixels, refined as the caller asked */
     float score;     /* detection image: the peak pixel's value (peak detector), the component's maximum (wavelet) */
     float intensity; /* the second image (raw) at the rounded position; the detection image when none is given */
-    float size;      /* wavelet: component pixel count; peak: half-maximum area (see detect_peaks) */
+    float size;      /* wavelet: component pixel count; peak: half-maximum area (see ds_detect_peaks) */
 } ds_spot;
 
 /* The Python binding hands spots over as float32 rows of this many columns. */
@@ -36,7 +36,7 @@ typedef struct {
     size_t count, capacity;
 } ds_spot_list;
 
-void spot_list_free(ds_spot_list *list);
+void ds_spot_list_free(ds_spot_list *list);
 
 typedef enum {
     DS_SUBPIXEL_NONE,     /* peak: the peak pixel; wavelet: the component's (unweighted) centroid, as Icy */
@@ -45,7 +45,7 @@ typedef enum {
 } ds_subpixel_mode;
 
 /* "none", "centroid" or "gaussian". */
-ds_status subpixel_mode_from_name(const char *name, ds_subpixel_mode *mode);
+ds_status ds_subpixel_mode_from_name(const char *name, ds_subpixel_mode *mode);
 
 /* Refinement, background and half-maximum area all look at the (2 * window_radius + 1)^2 window
  * around the spot's brightest pixel (clipped at the image border); its background is the mean of
@@ -60,7 +60,7 @@ typedef struct {
  * columns and then rows, with symmetric mirror borders (x[-1-i] = x[i], the edge pixel repeated,
  * as Icy; NumPy's pad mode 'symmetric'); W_k = A_(k-1) - A_k. details: [num_scales][height][width],
  * W_1 first. Both sides must be at least the kernel support at the last scale, 2^(num_scales+1)+1. */
-ds_status wavelet_transform(int height, int width, const float *image, int num_scales, float *details);
+ds_status ds_wavelet_transform(int height, int width, const float *image, int num_scales, float *details);
 
 /* Per enabled scale j with sensitivity s_j (higher finds more; Icy's default is 100):
  * thr_j = sqrt(2 ln(N / 4^j)) * mean|W_j - mean(W_j)| * 100 / s_j, N = height * width. A pixel is
@@ -74,8 +74,8 @@ typedef struct {
 } wavelet_params;
 
 /* raw may be NULL. Spots are appended in raster order of their components' first pixel. */
-ds_status detect_wavelet(int height, int width, const float *image, const float *raw, const wavelet_params *params,
-                         ds_spot_list *spots);
+ds_status ds_detect_wavelet(int height, int width, const float *image, const float *raw, const wavelet_params *params,
+                            ds_spot_list *spots);
 
 /* A peak is a pixel above `threshold` that is the maximum of the (2 * footprint_radius + 1)^2
  * square around it (among equal values the first in raster order wins, so a flat top gives one
@@ -91,14 +91,14 @@ typedef struct {
 } peak_params;
 
 /* raw may be NULL. Spots are appended from the strongest down. */
-ds_status detect_peaks(int height, int width, const float *image, const float *raw, const peak_params *params,
-                       ds_spot_list *spots);
+ds_status ds_detect_peaks(int height, int width, const float *image, const float *raw, const peak_params *params,
+                          ds_spot_list *spots);
 
 /* A molecule seen in several planes: spots of adjacent planes (z differing by 1) within `radius`
  * pixels of each other in (y, x) are linked one-to-one, closest pairs first, into chains. Each
  * chain becomes one spot carrying its strongest member's z, y, x, score and intensity, and the
  * sum of its members' sizes. z must hold whole plane indices. Appends to merged in the order of
  * each chain's first member in `spots`. */
-ds_status merge_plane_spots(const ds_spot *spots, size_t count, float radius, ds_spot_list *merged);
+ds_status ds_merge_plane_spots(const ds_spot *spots, size_t count, float radius, ds_spot_list *merged);
 
 #endif

@@ -9,7 +9,7 @@
 
 #define PARALLEL_MIN 65536 /* below this many values a loop stays on one thread */
 
-ds_status add_forward(ds_backend *backend, float *dst, const float *a, const float *b, size_t n)
+ds_status ds_add_forward(ds_backend *backend, float *dst, const float *a, const float *b, size_t n)
 {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < n; i++)
@@ -17,7 +17,7 @@ ds_status add_forward(ds_backend *backend, float *dst, const float *a, const flo
     return DS_OK;
 }
 
-ds_status add_inplace(ds_backend *backend, float *dst, const float *src, size_t n)
+ds_status ds_add_inplace(ds_backend *backend, float *dst, const float *src, size_t n)
 {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < n; i++)
@@ -25,7 +25,7 @@ ds_status add_inplace(ds_backend *backend, float *dst, const float *src, size_t 
     return DS_OK;
 }
 
-ds_status relu_inplace(ds_backend *backend, float *x, size_t n)
+ds_status ds_relu_inplace(ds_backend *backend, float *x, size_t n)
 {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
     for (size_t i = 0; i < n; i++)
@@ -33,8 +33,8 @@ ds_status relu_inplace(ds_backend *backend, float *x, size_t n)
     return DS_OK;
 }
 
-ds_status relu_backward(ds_backend *backend, float *dsrc, const float *ddst, const float *dst, size_t n,
-                        int accumulate)
+ds_status ds_relu_backward(ds_backend *backend, float *dsrc, const float *ddst, const float *dst, size_t n,
+                           int accumulate)
 {
     if (accumulate) {
 #pragma omp parallel for simd if (n >= PARALLEL_MIN) schedule(static)
@@ -48,8 +48,8 @@ ds_status relu_backward(ds_backend *backend, float *dsrc, const float *ddst, con
     return DS_OK;
 }
 
-ds_status concat_backward(ds_backend *backend, float *const *dsrcs, const float *ddst, size_t pixels, int n_inputs,
-                          const int *channels)
+ds_status ds_concat_backward(ds_backend *backend, float *const *dsrcs, const float *ddst, size_t pixels, int n_inputs,
+                             const int *channels)
 {
     int total = 0;
     for (int k = 0; k < n_inputs; k++)
@@ -77,8 +77,8 @@ static uint64_t splitmix64(uint64_t x)
     return x ^ (x >> 31);
 }
 
-ds_status dropout_mask(ds_backend *backend, float *mask, int batch, int channels, float rate,
-                       unsigned long long seed, unsigned long long stream)
+ds_status ds_dropout_mask(ds_backend *backend, float *mask, int batch, int channels, float rate,
+                          unsigned long long seed, unsigned long long stream)
 {
     float keep_scale = rate > 0.0f ? 1.0f / (1.0f - rate) : 1.0f;
     uint64_t base = splitmix64(splitmix64((uint64_t)seed) ^ (uint64_t)stream);
@@ -90,8 +90,8 @@ ds_status dropout_mask(ds_backend *backend, float *mask, int batch, int channels
     return DS_OK;
 }
 
-ds_status spatial_dropout_forward(ds_backend *backend, float *dst, const float *src, const float *mask, int batch,
-                                  size_t pixels, int channels)
+ds_status ds_spatial_dropout_forward(ds_backend *backend, float *dst, const float *src, const float *mask, int batch,
+                                     size_t pixels, int channels)
 {
     for (int b = 0; b < batch; b++) {
         const float *m = mask + (size_t)b * channels;
@@ -120,8 +120,8 @@ static inline float sigmoidf(float z)
 
 #define BCE_EPSILON 1e-7f /* Keras backend.epsilon() */
 
-ds_status deepspot_loss(ds_backend *backend, double *terms, float *pred, float *dlogits, const float *logits,
-                        const float *target, int batch, size_t pixels, int bce_mode, int max_mode)
+ds_status ds_deepspot_loss(ds_backend *backend, double *terms, float *pred, float *dlogits, const float *logits,
+                           const float *target, int batch, size_t pixels, int bce_mode, int max_mode)
 {
     size_t n = (size_t)batch * pixels;
     double bce = 0.0, inv_n = 1.0 / (double)n;
@@ -189,8 +189,8 @@ ds_status deepspot_loss(ds_backend *backend, double *terms, float *pred, float *
 
 static int guard_passes(const double *guard) { return !guard || isfinite(*guard); }
 
-ds_status adam_update(ds_backend *backend, float *param, float *m, float *v, const float *grad, size_t n, float lr,
-                      double beta1, double beta2, float epsilon, long step, const double *guard)
+ds_status ds_adam_update(ds_backend *backend, float *param, float *m, float *v, const float *grad, size_t n, float lr,
+                         double beta1, double beta2, float epsilon, long step, const double *guard)
 {
     if (!guard_passes(guard))
         return DS_OK;
@@ -210,9 +210,9 @@ ds_status adam_update(ds_backend *backend, float *param, float *m, float *v, con
     return DS_OK;
 }
 
-ds_status moving_statistics_update(ds_backend *backend, float *moving_mean, float *moving_variance, const float *mean,
-                                   const float *variance, int channels, double momentum, float variance_correction,
-                                   const double *guard)
+ds_status ds_moving_statistics_update(ds_backend *backend, float *moving_mean, float *moving_variance,
+                                      const float *mean, const float *variance, int channels, double momentum,
+                                      float variance_correction, const double *guard)
 {
     if (!guard_passes(guard))
         return DS_OK;

@@ -18,7 +18,7 @@ static __global__ void add_kernel(float *dst, const float *a, const float *b, si
         dst[i] = a[i] + b[i];
 }
 
-ds_status add_forward(ds_backend *backend, float *dst, const float *a, const float *b, size_t n)
+ds_status ds_add_forward(ds_backend *backend, float *dst, const float *a, const float *b, size_t n)
 {
     if (n == 0)
         return DS_OK;
@@ -27,9 +27,9 @@ ds_status add_forward(ds_backend *backend, float *dst, const float *a, const flo
     return DS_OK;
 }
 
-ds_status add_inplace(ds_backend *backend, float *dst, const float *src, size_t n)
+ds_status ds_add_inplace(ds_backend *backend, float *dst, const float *src, size_t n)
 {
-    return add_forward(backend, dst, dst, src, n);
+    return ds_add_forward(backend, dst, dst, src, n);
 }
 
 static __global__ void relu_kernel(float *x, size_t n)
@@ -38,7 +38,7 @@ static __global__ void relu_kernel(float *x, size_t n)
         x[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-ds_status relu_inplace(ds_backend *backend, float *x, size_t n)
+ds_status ds_relu_inplace(ds_backend *backend, float *x, size_t n)
 {
     if (n == 0)
         return DS_OK;
@@ -57,8 +57,8 @@ static __global__ void relu_backward_kernel(float *dsrc, const float *ddst, cons
     }
 }
 
-ds_status relu_backward(ds_backend *backend, float *dsrc, const float *ddst, const float *dst, size_t n,
-                        int accumulate)
+ds_status ds_relu_backward(ds_backend *backend, float *dsrc, const float *ddst, const float *dst, size_t n,
+                           int accumulate)
 {
     if (n == 0)
         return DS_OK;
@@ -67,7 +67,7 @@ ds_status relu_backward(ds_backend *backend, float *dsrc, const float *ddst, con
     return DS_OK;
 }
 
-/* The host arrays of concat_backward, passed to the kernel by value. */
+/* The host arrays of ds_concat_backward, passed to the kernel by value. */
 typedef struct {
     float *dsrcs[CONCAT_MAX_INPUTS];
     int channels[CONCAT_MAX_INPUTS];
@@ -94,8 +94,8 @@ static __global__ void concat_backward_kernel(concat_split split, const float *d
     }
 }
 
-ds_status concat_backward(ds_backend *backend, float *const *dsrcs, const float *ddst, size_t pixels, int n_inputs,
-                          const int *channels)
+ds_status ds_concat_backward(ds_backend *backend, float *const *dsrcs, const float *ddst, size_t pixels, int n_inputs,
+                             const int *channels)
 {
     if (n_inputs < 1 || n_inputs > CONCAT_MAX_INPUTS)
         return ds_fail(DS_ERR_VALUE, "concat_backward: %d inputs, expected 1 to %d", n_inputs, CONCAT_MAX_INPUTS);
@@ -134,8 +134,8 @@ static __global__ void dropout_mask_kernel(float *mask, size_t n, uint64_t base,
     }
 }
 
-ds_status dropout_mask(ds_backend *backend, float *mask, int batch, int channels, float rate,
-                       unsigned long long seed, unsigned long long stream)
+ds_status ds_dropout_mask(ds_backend *backend, float *mask, int batch, int channels, float rate,
+                          unsigned long long seed, unsigned long long stream)
 {
     if (batch <= 0 || channels <= 0)
         return DS_OK;
@@ -154,8 +154,8 @@ static __global__ void spatial_dropout_kernel(float *dst, const float *src, cons
         dst[i] = src[i] * mask[i / image_size * channels + i % channels];
 }
 
-ds_status spatial_dropout_forward(ds_backend *backend, float *dst, const float *src, const float *mask, int batch,
-                                  size_t pixels, int channels)
+ds_status ds_spatial_dropout_forward(ds_backend *backend, float *dst, const float *src, const float *mask, int batch,
+                                     size_t pixels, int channels)
 {
     if (batch <= 0 || channels <= 0 || pixels == 0)
         return DS_OK;
@@ -329,8 +329,8 @@ static __global__ void loss_max_gradient(float *dlogits, const float *logits, co
     }
 }
 
-ds_status deepspot_loss(ds_backend *backend, double *terms, float *pred, float *dlogits, const float *logits,
-                        const float *target, int batch, size_t pixels, int bce_mode, int max_mode)
+ds_status ds_deepspot_loss(ds_backend *backend, double *terms, float *pred, float *dlogits, const float *logits,
+                           const float *target, int batch, size_t pixels, int bce_mode, int max_mode)
 {
     if (batch <= 0 || pixels == 0)
         return ds_fail(DS_ERR_VALUE, "deepspot_loss: empty batch (%d x %zu values)", batch, pixels);
@@ -383,8 +383,8 @@ static __global__ void adam_kernel(float *param, float *m, float *v, const float
     }
 }
 
-ds_status adam_update(ds_backend *backend, float *param, float *m, float *v, const float *grad, size_t n, float lr,
-                      double beta1, double beta2, float epsilon, long step, const double *guard)
+ds_status ds_adam_update(ds_backend *backend, float *param, float *m, float *v, const float *grad, size_t n, float lr,
+                         double beta1, double beta2, float epsilon, long step, const double *guard)
 {
     if (n == 0)
         return DS_OK;
@@ -411,9 +411,9 @@ static __global__ void moving_statistics_kernel(float *moving_mean, float *movin
     }
 }
 
-ds_status moving_statistics_update(ds_backend *backend, float *moving_mean, float *moving_variance, const float *mean,
-                                   const float *variance, int channels, double momentum, float variance_correction,
-                                   const double *guard)
+ds_status ds_moving_statistics_update(ds_backend *backend, float *moving_mean, float *moving_variance,
+                                      const float *mean, const float *variance, int channels, double momentum,
+                                      float variance_correction, const double *guard)
 {
     if (channels <= 0)
         return DS_OK;

@@ -1,8 +1,9 @@
-/* model.c - the DeepSpot network: parameter arena + safetensors loading, and an inference plan
- * per input shape (ops built once, activations in one arena reused by lifetime).
- * For inference every BatchNorm that directly follows a convolution is folded into that
- * convolution's weights, and residual adds and activations are fused as post-ops, so the
- * whole network is 62 convolutions, 13 BN+ReLU, 6 max-pools and one concat. */
+/* model.c - the DeepSpot network: parameter arena + safetensors loading (names and shapes from the
+ * layer table of network.h), and an inference plan per input shape (ops built once, activations in
+ * one arena reused by lifetime), made from the same table by a planning pass: every BatchNorm that
+ * directly follows a convolution is folded into that convolution's weights, and residual adds and
+ * activations are fused as post-ops, so the whole network is 62 convolutions, 13 BN+ReLU,
+ * 6 max-pools and one concat. */
 #include "model.h"
 
 #include <math.h>
@@ -11,6 +12,7 @@
 #include <string.h>
 
 #include "arena.h"
+#include "network.h"
 #include "ops.h"
 #include "safetensors.h"
 
@@ -60,49 +62,19 @@ static void table_bn(param_table *t, bn_params *b, const char *prefix, int chann
     table_add(t, &b->moving_variance, 1, shape, "%s.%s", "moving_variance", prefix);
 }
 
-/* The one place where the architecture's parameter names and shapes are written down. */
+/* The parameter names and shapes, in file order: those of the network's conv and bn layers (network.h). */
 static void params_table(model_params *p, param_table *t)
 {
-    static const char *caso_names[CASO_PATHS] = {"strided", "maxpool", "atrous"};
-    static const int caso_filters[3] = {32, 64, 128};
-    char name[96];
+    ds_network net;
+    ds_network_describe(&net);
     t->count = 0;
-    for (int path = 0; path < CASO_PATHS; path++)
-        for (int i = 0; i < 3; i++) {
-            snprintf(name, sizeof name, "caso.%s.conv%d", caso_names[path], i + 1);
-            table_conv(t, &p->caso[path].conv[i], name, caso_filters[i], i ? caso_filters[i - 1] : 1, 3);
-            snprintf(name, sizeof name, "caso.%s.bn%d", caso_names[path], i + 1);
-            table_bn(t, &p->caso[path].bn[i], name, caso_filters[i]);
-        }
-    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
-        int in = b == 0 ? 3 * 128 : 128;
-        for (int i = 0; i < 3; i++) {
-            snprintf(name, sizeof name, "trunk.block%02d.bn%d", b + 1, i + 1);
-            table_bn(t, &p->trunk[b].bn[i], name, i == 0 ? in : 128);
-            snprintf(name, sizeof name, "trunk.block%02d.conv%d", b + 1, i + 1);
-            table_conv(t, &p->trunk[b].conv[i], name, 128, i == 0 ? in : 128, i == 1 ? 3 : 1);
-        }
-        if (b == 0) {
-            table_conv(t, &p->trunk[0].shortcut_conv, "trunk.block01.shortcut.conv", 128, in, 1);
-            table_bn(t, &p->trunk[0].shortcut_bn, "trunk.block01.shortcut.bn", 128);
-        }
+    for (int i = 0; i < net.n_layers; i++) {
+        const ds_layer *l = &net.layers[i];
+        if (l->kind == DS_LAYER_CONV)
+            table_conv(t, ds_layer_conv(l, p), l->name, l->out_channels, l->in_channels, l->kernel);
+        else if (l->kind == DS_LAYER_BN)
+            table_bn(t, ds_layer_bn(l, p), l->name, l->out_channels);
     }
-    static const int up_filters[3][3] = {{256, 128, 128}, {128, 64, 64}, {64, 32, 32}};
-    int in = 128;
-    for (int j = 0; j < 3; j++) {
-        for (int i = 0; i < 3; i++) {
-            snprintf(name, sizeof name, "decoder.up%d.convt%d", j + 1, i + 1);
-            table_conv(t, &p->decoder[j].convt[i], name, up_filters[j][i], i ? up_filters[j][i - 1] : in, 3);
-            snprintf(name, sizeof name, "decoder.up%d.bn%d", j + 1, i + 1);
-            table_bn(t, &p->decoder[j].bn[i], name, up_filters[j][i]);
-        }
-        snprintf(name, sizeof name, "decoder.up%d.shortcut.convt", j + 1);
-        table_conv(t, &p->decoder[j].shortcut_convt, name, up_filters[j][1], in, 3);
-        snprintf(name, sizeof name, "decoder.up%d.shortcut.bn", j + 1);
-        table_bn(t, &p->decoder[j].shortcut_bn, name, up_filters[j][1]);
-        in = up_filters[j][2];
-    }
-    table_conv(t, &p->head, "head.conv", 1, 32, 1);
 }
 
 static size_t entry_count(const param_entry *e)
@@ -130,8 +102,6 @@ typedef struct {
 } plan_step;
 
 typedef arena_slot plan_tensor; /* first, last: plan steps */
-
-static const int stage_input_channels[DS_STAGES] = {1, 3 * 128, 128};
 
 typedef struct {
     int first_stage, last_stage;
@@ -180,7 +150,7 @@ static ds_status new_tensor(plan *pl, act *a, int channels, int height, int widt
 static ds_status add_step(plan *pl, step_kind kind, ds_op *op, const act *inputs, int n_inputs, const act *output)
 {
     if (pl->n_steps == PLAN_MAX_STEPS) {
-        op_destroy(op);
+        ds_op_destroy(op);
         return ds_fail(DS_ERR_VALUE, "plan: too many steps");
     }
     plan_step *s = &pl->steps[pl->n_steps];
@@ -208,8 +178,8 @@ static void same_padding(int in, int stride, int span, int *out, int *before, in
     *after = total - *before;
 }
 
-void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
-                     int transposed, int stride, int dilation, unsigned post)
+void ds_model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
+                        int transposed, int stride, int dilation, unsigned post)
 {
     *d = (conv_desc){.transposed = transposed, .batch = batch, .in_channels = in_channels, .in_height = height,
                      .in_width = width, .out_channels = c->out_channels, .kernel = c->kernel, .stride = stride,
@@ -226,7 +196,7 @@ void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int w
     }
 }
 
-void model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after)
+void ds_model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after)
 {
     same_padding(height, DS_POOL_STRIDE, DS_POOL_KERNEL, out_height, pad_before, pad_after);
     same_padding(width, DS_POOL_STRIDE, DS_POOL_KERNEL, out_width, pad_before, pad_after);
@@ -254,14 +224,14 @@ static ds_status plan_conv(plan *pl, ds_backend *be, const act *in, act *out, co
                            const bn_params *bn, int transposed, int stride, int dilation, unsigned post)
 {
     conv_desc d;
-    model_conv_desc(&d, pl->batch, in->channels, in->height, in->width, c, transposed, stride, dilation, post);
+    ds_model_conv_desc(&d, pl->batch, in->channels, in->height, in->width, c, transposed, stride, dilation, post);
     if (!(post & POST_SUM))
         DS_TRY(new_tensor(pl, out, c->out_channels, d.out_height, d.out_width));
     else if (out->channels != d.out_channels || out->height != d.out_height || out->width != d.out_width)
         return ds_fail(DS_ERR_VALUE, "plan: residual shapes differ");
     fold_batchnorm(pl, c, bn);
     ds_op *op;
-    DS_TRY(conv_forward_create(&op, be, &d, pl->fold_weight, pl->fold_bias));
+    DS_TRY(ds_conv_forward_create(&op, be, &d, pl->fold_weight, pl->fold_bias));
     return add_step(pl, STEP_CONV, op, in, 1, out);
 }
 
@@ -269,101 +239,120 @@ static ds_status plan_bn_relu(plan *pl, ds_backend *be, const act *in, act *out,
 {
     ds_op *op;
     DS_TRY(new_tensor(pl, out, in->channels, in->height, in->width));
-    DS_TRY(batchnorm_relu_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, bn->gamma, bn->beta,
-                                         bn->moving_mean, bn->moving_variance, DS_BN_EPSILON));
+    DS_TRY(ds_batchnorm_relu_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, bn->gamma,
+                                            bn->beta, bn->moving_mean, bn->moving_variance, DS_BN_EPSILON));
     return add_step(pl, STEP_BN_RELU, op, in, 1, out);
 }
 
 static ds_status plan_maxpool(plan *pl, ds_backend *be, const act *in, act *out)
 {
     int oh, ow, before, after;
-    model_pool_shape(in->height, in->width, &oh, &ow, &before, &after);
+    ds_model_pool_shape(in->height, in->width, &oh, &ow, &before, &after);
     ds_op *op;
     DS_TRY(new_tensor(pl, out, in->channels, oh, ow));
-    DS_TRY(maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, DS_POOL_KERNEL,
-                                  DS_POOL_STRIDE, before, after));
+    DS_TRY(ds_maxpool_forward_create(&op, be, pl->batch, in->channels, in->height, in->width, oh, ow, DS_POOL_KERNEL,
+                                     DS_POOL_STRIDE, before, after));
     return add_step(pl, STEP_MAXPOOL, op, in, 1, out);
 }
 
-/* CASO: three paths from the raw input, concatenated at 1/8 resolution. */
-static ds_status plan_encoder(plan *pl, const model_params *p, ds_backend *be, act x, act *out)
+static ds_status plan_concat(plan *pl, ds_backend *be, const act *acts, const int *in, int n_in, act *out)
 {
-    act paths[CASO_PATHS], t, u;
-    for (int path = 0; path < CASO_PATHS; path++) {
-        t = x;
-        for (int i = 0; i < 3; i++) {
-            const conv_params *c = &p->caso[path].conv[i];
-            const bn_params *bn = &p->caso[path].bn[i];
-            if (path == CASO_STRIDED) {
-                DS_TRY(plan_conv(pl, be, &t, &u, c, bn, 0, 2, 1, POST_RELU));
-                t = u;
-            } else {
-                DS_TRY(plan_conv(pl, be, &t, &u, c, bn, 0, 1, path == CASO_ATROUS ? 2 : 1, POST_RELU));
-                DS_TRY(plan_maxpool(pl, be, &u, &t));
-            }
-        }
-        paths[path] = t;
+    act parts[CONCAT_MAX_INPUTS];
+    int channels[CONCAT_MAX_INPUTS], total = 0;
+    for (int k = 0; k < n_in; k++) {
+        parts[k] = acts[in[k]];
+        channels[k] = parts[k].channels;
+        total += channels[k];
     }
-    int channels[CASO_PATHS] = {paths[0].channels, paths[1].channels, paths[2].channels};
     ds_op *op;
-    DS_TRY(new_tensor(pl, out, channels[0] + channels[1] + channels[2], paths[0].height, paths[0].width));
-    DS_TRY(concat_forward_create(&op, be, pl->batch, out->height, out->width, CASO_PATHS, channels));
-    return add_step(pl, STEP_CONCAT, op, paths, CASO_PATHS, out);
+    DS_TRY(new_tensor(pl, out, total, parts[0].height, parts[0].width));
+    DS_TRY(ds_concat_forward_create(&op, be, pl->batch, out->height, out->width, n_in, channels));
+    return add_step(pl, STEP_CONCAT, op, parts, n_in, out);
 }
 
-/* Pre-activation bottlenecks: BN1+ReLU stands alone (its input is also the shortcut), BN2 and
- * BN3 fold into conv1 and conv2, and conv3 accumulates into the shortcut in place. */
-static ds_status plan_trunk(plan *pl, const model_params *p, ds_backend *be, act trunk, act *out)
+/* The plan of stages first..last, made from the network's table (network.h) by one pass that fuses
+ * for inference: a BatchNorm folds into the convolution before it when it is that convolution's only
+ * reader (its ReLU becoming a post-op), and a residual add into the convolution that makes its first
+ * operand, which is put off until the add and then accumulates into the second operand in place.
+ * A BatchNorm that follows no convolution (pre-activation) stays a BN+ReLU step. */
+typedef struct {
+    int conv, bn; /* layer indices of a convolution put off until its add, and of the BN folded into it (or -1) */
+} deferred_conv;
+
+static ds_status plan_network(plan *pl, model_params *p, ds_backend *be)
 {
-    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
-        act a, h1, h2, sum;
-        DS_TRY(plan_bn_relu(pl, be, &trunk, &a, &p->trunk[b].bn[0]));
-        DS_TRY(plan_conv(pl, be, &a, &h1, &p->trunk[b].conv[0], &p->trunk[b].bn[1], 0, 1, 1, POST_RELU));
-        DS_TRY(plan_conv(pl, be, &h1, &h2, &p->trunk[b].conv[1], &p->trunk[b].bn[2], 0, 1, 1, POST_RELU));
-        if (b == 0)
-            DS_TRY(plan_conv(pl, be, &trunk, &sum, &p->trunk[0].shortcut_conv, &p->trunk[0].shortcut_bn, 0, 1, 1, 0));
-        else
-            sum = trunk;
-        DS_TRY(plan_conv(pl, be, &h2, &sum, &p->trunk[b].conv[2], NULL, 0, 1, 1, POST_SUM));
-        trunk = sum;
+    ds_network net;
+    ds_network_describe(&net);
+    int readers[DS_MAX_TENSORS] = {0}, reader[DS_MAX_TENSORS], folded[DS_MAX_LAYERS] = {0};
+    deferred_conv deferred[DS_MAX_TENSORS];
+    act acts[DS_MAX_TENSORS];
+    for (int t = 0; t < net.n_tensors; t++)
+        deferred[t] = (deferred_conv){-1, -1};
+    for (int i = 0; i < net.n_layers; i++) {
+        const ds_layer *l = &net.layers[i];
+        for (int k = 0; k < l->n_in && pl->first_stage <= l->stage && l->stage <= pl->last_stage; k++) {
+            readers[l->in[k]]++;
+            reader[l->in[k]] = i;
+        }
     }
-    *out = trunk;
-    return DS_OK;
-}
-
-/* Three up-residual blocks back to full resolution, then the 1x1 sigmoid head. */
-static ds_status plan_decoder(plan *pl, const model_params *p, ds_backend *be, act t, act *out)
-{
-    for (int j = 0; j < 3; j++) {
-        act h1, h2, sum;
-        DS_TRY(plan_conv(pl, be, &t, &sum, &p->decoder[j].shortcut_convt, &p->decoder[j].shortcut_bn, 1, 2, 1, 0));
-        DS_TRY(plan_conv(pl, be, &t, &h1, &p->decoder[j].convt[0], &p->decoder[j].bn[0], 1, 2, 1, POST_RELU));
-        DS_TRY(plan_conv(pl, be, &h1, &h2, &p->decoder[j].convt[1], &p->decoder[j].bn[1], 1, 1, 1, POST_RELU));
-        DS_TRY(plan_conv(pl, be, &h2, &sum, &p->decoder[j].convt[2], &p->decoder[j].bn[2], 1, 1, 1,
-                         POST_SUM | POST_RELU));
-        t = sum;
+    int input = net.stage_input[pl->first_stage];
+    DS_TRY(new_tensor(pl, &acts[input], net.channels[input], pl->height, pl->width)); /* PLAN_INPUT */
+    for (int i = 0; i < net.n_layers; i++) {
+        const ds_layer *l = &net.layers[i];
+        if (l->stage < pl->first_stage || l->stage > pl->last_stage || folded[i])
+            continue;
+        switch (l->kind) {
+        case DS_LAYER_CONV: {
+            int bn = readers[l->out] == 1 && net.layers[reader[l->out]].kind == DS_LAYER_BN ? reader[l->out] : -1;
+            int result = l->out, relu = 0;
+            if (bn >= 0) {
+                folded[bn] = 1;
+                result = net.layers[bn].out;
+                relu = net.layers[bn].relu;
+            }
+            const ds_layer *next = readers[result] == 1 ? &net.layers[reader[result]] : NULL;
+            if (next && next->kind == DS_LAYER_ADD && next->in[0] == result && !relu) {
+                deferred[result] = (deferred_conv){i, bn};
+                break;
+            }
+            DS_TRY(plan_conv(pl, be, &acts[l->in[0]], &acts[result], ds_layer_conv(l, p),
+                             bn >= 0 ? ds_layer_bn(&net.layers[bn], p) : NULL, l->transposed, l->stride, l->dilation,
+                             (relu ? POST_RELU : 0) | (result == net.output ? POST_SIGMOID : 0)));
+            break;
+        }
+        case DS_LAYER_BN:
+            if (!l->relu)
+                return ds_fail(DS_ERR_VALUE, "plan: %s has no convolution to fold into", l->name);
+            DS_TRY(plan_bn_relu(pl, be, &acts[l->in[0]], &acts[l->out], ds_layer_bn(l, p)));
+            break;
+        case DS_LAYER_POOL:
+            DS_TRY(plan_maxpool(pl, be, &acts[l->in[0]], &acts[l->out]));
+            break;
+        case DS_LAYER_CONCAT:
+            DS_TRY(plan_concat(pl, be, acts, l->in, l->n_in, &acts[l->out]));
+            break;
+        case DS_LAYER_ADD: {
+            deferred_conv d = deferred[l->in[0]];
+            if (d.conv < 0 || reader[l->in[1]] != i) /* the sum is written over the second operand */
+                return ds_fail(DS_ERR_VALUE, "plan: a residual add needs a convolution on its first input and to "
+                               "be the last reader of its second");
+            const ds_layer *c = &net.layers[d.conv];
+            DS_TRY(plan_conv(pl, be, &acts[c->in[0]], &acts[l->in[1]], ds_layer_conv(c, p),
+                             d.bn >= 0 ? ds_layer_bn(&net.layers[d.bn], p) : NULL, c->transposed, c->stride,
+                             c->dilation, POST_SUM | (l->relu ? POST_RELU : 0)));
+            acts[l->out] = acts[l->in[1]];
+            break;
+        }
+        }
     }
-    return plan_conv(pl, be, &t, out, &p->head, NULL, 0, 1, 1, POST_SIGMOID);
-}
-
-static ds_status plan_network(plan *pl, const model_params *p, ds_backend *be)
-{
-    act t;
-    DS_TRY(new_tensor(pl, &t, stage_input_channels[pl->first_stage], pl->height, pl->width)); /* PLAN_INPUT */
-    if (pl->first_stage <= STAGE_ENCODER && STAGE_ENCODER <= pl->last_stage)
-        DS_TRY(plan_encoder(pl, p, be, t, &t));
-    if (pl->first_stage <= STAGE_TRUNK && STAGE_TRUNK <= pl->last_stage)
-        DS_TRY(plan_trunk(pl, p, be, t, &t));
-    if (pl->first_stage <= STAGE_DECODER && STAGE_DECODER <= pl->last_stage)
-        DS_TRY(plan_decoder(pl, p, be, t, &t));
-    pl->output = t.id;
+    pl->output = acts[pl->last_stage == STAGE_DECODER ? net.output : net.stage_input[pl->last_stage + 1]].id;
     return DS_OK;
 }
 
 static void place_tensors(plan *pl)
 {
     pl->tensors[pl->output].last = pl->n_steps; /* read back after the last step */
-    pl->arena_floats = arena_place(pl->tensors, pl->n_tensors);
+    pl->arena_floats = ds_arena_place(pl->tensors, pl->n_tensors);
 }
 
 static void plan_free(plan *pl)
@@ -371,7 +360,7 @@ static void plan_free(plan *pl)
     if (!pl)
         return;
     for (int i = 0; i < pl->n_steps; i++)
-        op_destroy(pl->steps[i].op);
+        ds_op_destroy(pl->steps[i].op);
     free(pl->fold_weight);
     free(pl->fold_bias);
     free(pl);
@@ -422,19 +411,19 @@ static ds_status plan_execute(plan *pl, float *arena)
         const float *src = tensor_data(pl, arena, s->inputs[0]);
         switch (s->kind) {
         case STEP_CONV:
-            DS_TRY(conv_forward(s->op, src, dst));
+            DS_TRY(ds_conv_forward(s->op, src, dst));
             break;
         case STEP_BN_RELU:
-            DS_TRY(batchnorm_relu_forward(s->op, src, dst));
+            DS_TRY(ds_batchnorm_relu_forward(s->op, src, dst));
             break;
         case STEP_MAXPOOL:
-            DS_TRY(maxpool_forward(s->op, src, dst));
+            DS_TRY(ds_maxpool_forward(s->op, src, dst));
             break;
         case STEP_CONCAT: {
             const float *srcs[CONCAT_MAX_INPUTS];
             for (int k = 0; k < s->n_inputs; k++)
                 srcs[k] = tensor_data(pl, arena, s->inputs[k]);
-            DS_TRY(concat_forward(s->op, srcs, dst));
+            DS_TRY(ds_concat_forward(s->op, srcs, dst));
             break;
         }
         }
@@ -444,32 +433,32 @@ static ds_status plan_execute(plan *pl, float *arena)
 
 /* ---------------------------------------------------------------- model */
 
-/* m's parameter arena, in the layout of every parameter arena (model_params_bind); n_params counts the values. */
+/* m's parameter arena, in the layout of every parameter arena (ds_model_params_bind); n_params counts the values. */
 static ds_status params_alloc(ds_model *m, const param_table *t)
 {
     for (int i = 0; i < t->count; i++)
         m->n_params += entry_count(&t->entries[i]);
-    m->param_arena = malloc(model_param_floats() * sizeof(float));
+    m->param_arena = malloc(ds_model_param_floats() * sizeof(float));
     if (!m->param_arena)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
-    model_params_bind(&m->params, m->param_arena);
+    ds_model_params_bind(&m->params, m->param_arena);
     return DS_OK;
 }
 
-ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
+ds_status ds_model_load(ds_model **out, const char *weights_path, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
     if (!m)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
     m->math_mode = math_mode;
-    ds_status rc = st_read(&m->file, weights_path);
+    ds_status rc = ds_st_read(&m->file, weights_path);
     param_table table;
     params_table(&m->params, &table);
     if (rc == DS_OK)
         rc = params_alloc(m, &table);
     for (int i = 0; i < table.count && rc == DS_OK; i++) {
         const param_entry *e = &table.entries[i];
-        const st_tensor *t = st_find(&m->file, e->name);
+        const st_tensor *t = ds_st_find(&m->file, e->name);
         if (!t) {
             rc = ds_fail(DS_ERR_FORMAT, "weights file '%s' lacks tensor '%s': not a DeepSpot model", weights_path,
                          e->name);
@@ -511,35 +500,35 @@ ds_status model_load(ds_model **out, const char *weights_path, int math_mode)
         }
     }
     if (rc == DS_OK)
-        rc = backend_create(&m->backend, math_mode);
+        rc = ds_backend_create(&m->backend, math_mode);
     /* The file's bytes are no longer needed once copied into the arena. */
-    st_free(&m->file);
+    ds_st_free(&m->file);
     if (rc != DS_OK) {
-        model_free(m);
+        ds_model_free(m);
         return rc;
     }
     *out = m;
     return DS_OK;
 }
 
-void model_free(ds_model *m)
+void ds_model_free(ds_model *m)
 {
     if (!m)
         return;
     for (int i = 0; i < PLAN_CACHE; i++)
         plan_free(m->plans[i]);
-    backend_free(m->backend, m->arena);
-    backend_destroy(m->backend);
+    ds_backend_free(m->backend, m->arena);
+    ds_backend_destroy(m->backend);
     free(m->param_arena);
-    st_free(&m->file);
+    ds_st_free(&m->file);
     free(m);
 }
 
-size_t model_num_parameters(const ds_model *m) { return m->n_params; }
+size_t ds_model_num_parameters(const ds_model *m) { return m->n_params; }
 
-int model_math_mode(const ds_model *m) { return m->math_mode; }
+int ds_model_math_mode(const ds_model *m) { return m->math_mode; }
 
-const model_params *model_parameters(const ds_model *m) { return &m->params; }
+const model_params *ds_model_parameters(const ds_model *m) { return &m->params; }
 
 static ds_status get_plan(ds_model *m, int first_stage, int last_stage, int batch, int height, int width, plan **out)
 {
@@ -563,8 +552,8 @@ static ds_status get_plan(ds_model *m, int first_stage, int last_stage, int batc
     return DS_OK;
 }
 
-ds_status model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
-                             int *out_channels, int *out_height, int *out_width)
+ds_status ds_model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
+                                int *out_channels, int *out_height, int *out_width)
 {
     if (first_stage < 0 || last_stage >= DS_STAGES || first_stage > last_stage)
         return ds_fail(DS_ERR_VALUE, "stages %d..%d: expected 0 <= first <= last <= %d", first_stage, last_stage,
@@ -573,8 +562,10 @@ ds_status model_stage_shapes(int first_stage, int last_stage, int height, int wi
     if (height < multiple || width < multiple || height % multiple || width % multiple)
         return ds_fail(DS_ERR_VALUE, "input of %dx%d; expected sides that are positive multiples of %d", height, width,
                        multiple);
-    *in_channels = stage_input_channels[first_stage];
-    *out_channels = last_stage == STAGE_DECODER ? 1 : stage_input_channels[last_stage + 1];
+    ds_network net;
+    ds_network_describe(&net);
+    *in_channels = net.channels[net.stage_input[first_stage]];
+    *out_channels = net.channels[last_stage == STAGE_DECODER ? net.output : net.stage_input[last_stage + 1]];
     int scale_down = first_stage == STAGE_ENCODER && last_stage < STAGE_DECODER;
     int scale_up = first_stage > STAGE_ENCODER && last_stage == STAGE_DECODER;
     *out_height = scale_down ? height / DS_SIZE_MULTIPLE : scale_up ? height * DS_SIZE_MULTIPLE : height;
@@ -582,39 +573,39 @@ ds_status model_stage_shapes(int first_stage, int last_stage, int height, int wi
     return DS_OK;
 }
 
-ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
-                               const float *input, float *output)
+ds_status ds_model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
+                                  const float *input, float *output)
 {
     int in_c, out_c, out_h, out_w;
-    DS_TRY(model_stage_shapes(first_stage, last_stage, height, width, &in_c, &out_c, &out_h, &out_w));
+    DS_TRY(ds_model_stage_shapes(first_stage, last_stage, height, width, &in_c, &out_c, &out_h, &out_w));
     if (batch < 1)
         return ds_fail(DS_ERR_VALUE, "batch of %d; expected >= 1", batch);
     plan *pl;
     DS_TRY(get_plan(m, first_stage, last_stage, batch, height, width, &pl));
     if (pl->arena_floats > m->arena_floats) {
-        backend_free(m->backend, m->arena);
+        ds_backend_free(m->backend, m->arena);
         m->arena = NULL;
         m->arena_floats = 0;
-        if (backend_alloc(m->backend, (void **)&m->arena, pl->arena_floats * sizeof(float)) != DS_OK)
+        if (ds_backend_alloc(m->backend, (void **)&m->arena, pl->arena_floats * sizeof(float)) != DS_OK)
             return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations for a batch of %d at %dx%d",
                            pl->arena_floats * sizeof(float) >> 20, batch, height, width);
         m->arena_floats = pl->arena_floats;
     }
-    DS_TRY(backend_upload(m->backend, tensor_data(pl, m->arena, PLAN_INPUT), input,
-                          (size_t)batch * height * width * in_c * sizeof(float)));
+    DS_TRY(ds_backend_upload(m->backend, tensor_data(pl, m->arena, PLAN_INPUT), input,
+                             (size_t)batch * height * width * in_c * sizeof(float)));
     DS_TRY(plan_execute(pl, m->arena));
-    return backend_download(m->backend, output, tensor_data(pl, m->arena, pl->output),
-                            (size_t)batch * out_h * out_w * out_c * sizeof(float));
+    return ds_backend_download(m->backend, output, tensor_data(pl, m->arena, pl->output),
+                               (size_t)batch * out_h * out_w * out_c * sizeof(float));
 }
 
-ds_status model_forward(ds_model *m, int batch, int height, int width, const float *input, float *output)
+ds_status ds_model_forward(ds_model *m, int batch, int height, int width, const float *input, float *output)
 {
-    return model_forward_stages(m, STAGE_ENCODER, STAGE_DECODER, batch, height, width, input, output);
+    return ds_model_forward_stages(m, STAGE_ENCODER, STAGE_DECODER, batch, height, width, input, output);
 }
 
 /* ---------------------------------------------------------------- parameters in memory (training) */
 
-void model_param_table(model_params *p, ds_param_table *out)
+void ds_model_param_table(model_params *p, ds_param_table *out)
 {
     param_table t;
     params_table(p, &t);
@@ -638,7 +629,7 @@ static size_t aligned_count(const param_entry *e)
     return (entry_count(e) + PARAM_ALIGN_FLOATS - 1) / PARAM_ALIGN_FLOATS * PARAM_ALIGN_FLOATS;
 }
 
-size_t model_param_floats(void)
+size_t ds_model_param_floats(void)
 {
     model_params p;
     param_table t;
@@ -649,7 +640,7 @@ size_t model_param_floats(void)
     return n;
 }
 
-void model_params_bind(model_params *p, float *arena)
+void ds_model_params_bind(model_params *p, float *arena)
 {
     param_table t;
     params_table(p, &t);
@@ -660,7 +651,7 @@ void model_params_bind(model_params *p, float *arena)
     }
 }
 
-ds_status model_from_parameters(ds_model **out, const model_params *src, int math_mode)
+ds_status ds_model_from_parameters(ds_model **out, const model_params *src, int math_mode)
 {
     ds_model *m = calloc(1, sizeof *m);
     param_table *table = malloc(sizeof *table), *src_table = malloc(sizeof *src_table);
@@ -684,13 +675,13 @@ ds_status model_from_parameters(ds_model **out, const model_params *src, int mat
     }
     if (rc == DS_OK) {
         m->math_mode = math_mode;
-        rc = backend_create(&m->backend, math_mode);
+        rc = ds_backend_create(&m->backend, math_mode);
     }
 done:
     free(table);
     free(src_table);
     if (rc != DS_OK) {
-        model_free(m);
+        ds_model_free(m);
         return rc;
     }
     *out = m;

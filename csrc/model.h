@@ -51,16 +51,16 @@ typedef struct ds_model ds_model;
 
 /* The layer shapes the inference plan and the training graph share, with TF 'same' padding: a (transposed)
  * convolution of an input of in_channels x height x width by c, and a CASO max-pool. */
-void model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
-                     int transposed, int stride, int dilation, unsigned post);
-void model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after);
+void ds_model_conv_desc(conv_desc *d, int batch, int in_channels, int height, int width, const conv_params *c,
+                        int transposed, int stride, int dilation, unsigned post);
+void ds_model_pool_shape(int height, int width, int *out_height, int *out_width, int *pad_before, int *pad_after);
 
 /* math_mode: DS_MATH_FLOAT32 or DS_MATH_TF32 (ops.h; GPU only). */
-ds_status model_load(ds_model **model, const char *weights_path, int math_mode);
-void model_free(ds_model *model);
-size_t model_num_parameters(const ds_model *model);
-int model_math_mode(const ds_model *model);
-const model_params *model_parameters(const ds_model *model);
+ds_status ds_model_load(ds_model **model, const char *weights_path, int math_mode);
+void ds_model_free(ds_model *model);
+size_t ds_model_num_parameters(const ds_model *model);
+int ds_model_math_mode(const ds_model *model);
+const model_params *ds_model_parameters(const ds_model *model);
 
 /* The network in three stages, so that large images can be tiled stage by stage with exact
  * halos (each stage's receptive field is small at its own resolution): the encoder (CASO,
@@ -69,16 +69,16 @@ const model_params *model_parameters(const ds_model *model);
 enum { STAGE_ENCODER, STAGE_TRUNK, STAGE_DECODER, DS_STAGES };
 
 /* Channels and output size of running stages first..last on an input of height x width. */
-ds_status model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
-                             int *out_channels, int *out_height, int *out_width);
+ds_status ds_model_stage_shapes(int first_stage, int last_stage, int height, int width, int *in_channels,
+                                int *out_channels, int *out_height, int *out_width);
 /* input [batch, height, width, in_channels] -> output [batch, out_height, out_width, out_channels], NHWC.
  * Not thread-safe: one call at a time per model. */
-ds_status model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
-                               const float *input, float *output);
+ds_status ds_model_forward_stages(ds_model *m, int first_stage, int last_stage, int batch, int height, int width,
+                                  const float *input, float *output);
 
 /* The whole network; input, output: [batch, height, width] float32 (one channel); height and width multiples of 8.
  * Not thread-safe: one call at a time per model. */
-ds_status model_forward(ds_model *model, int batch, int height, int width, const float *input, float *output);
+ds_status ds_model_forward(ds_model *model, int batch, int height, int width, const float *input, float *output);
 
 /* ---- the parameter table, for training and checkpoints (csrc/train.c) ---- */
 
@@ -97,14 +97,14 @@ typedef struct {
     int count;
 } ds_param_table;
 
-/* Every tensor of the architecture in its fixed order (the order of model_params_bind). Also fills
+/* Every tensor of the architecture in its fixed order (the order of ds_model_params_bind). Also fills
  * p's channel and kernel fields; p's pointers are only referenced, not read. */
-void model_param_table(model_params *p, ds_param_table *table);
+void ds_model_param_table(model_params *p, ds_param_table *table);
 /* Floats of an arena holding every tensor, each aligned to 64 bytes (4,037,249 values plus alignment). */
-size_t model_param_floats(void);
-/* Points every tensor of p into arena (model_param_floats() floats), in table order, 64-byte aligned. */
-void model_params_bind(model_params *p, float *arena);
+size_t ds_model_param_floats(void);
+/* Points every tensor of p into arena (ds_model_param_floats() floats), in table order, 64-byte aligned. */
+void ds_model_params_bind(model_params *p, float *arena);
 /* An inference model from parameters in host memory (copied; p's pointers must all be set). */
-ds_status model_from_parameters(ds_model **model, const model_params *p, int math_mode);
+ds_status ds_model_from_parameters(ds_model **model, const model_params *p, int math_mode);
 
 #endif

@@ -37,7 +37,7 @@ static ds_status first_device_present(void)
     return DS_OK;
 }
 
-ds_status backend_probe(char *description, size_t size)
+ds_status ds_backend_probe(char *description, size_t size)
 {
     DS_TRY(first_device_present());
     cudaDeviceProp prop;
@@ -50,7 +50,7 @@ ds_status backend_probe(char *description, size_t size)
     return DS_OK;
 }
 
-/* Fills a zeroed backend; on failure backend_destroy releases whatever was made. */
+/* Fills a zeroed backend; on failure ds_backend_destroy releases whatever was made. */
 static ds_status backend_init(ds_backend *b)
 {
     cudaStream_t stream = NULL;
@@ -68,7 +68,7 @@ static ds_status backend_init(ds_backend *b)
     return DS_OK;
 }
 
-ds_status backend_create(ds_backend **backend, int math_mode)
+ds_status ds_backend_create(ds_backend **backend, int math_mode)
 {
     if (math_mode != DS_MATH_FLOAT32 && math_mode != DS_MATH_TF32)
         return ds_fail(DS_ERR_VALUE, "unknown math mode %d", math_mode);
@@ -80,14 +80,14 @@ ds_status backend_create(ds_backend **backend, int math_mode)
     b->math_mode = math_mode;
     ds_status rc = backend_init(b);
     if (rc != DS_OK) {
-        backend_destroy(b);
+        ds_backend_destroy(b);
         return rc;
     }
     *backend = b;
     return DS_OK;
 }
 
-void backend_destroy(ds_backend *backend)
+void ds_backend_destroy(ds_backend *backend)
 {
     if (!backend)
         return;
@@ -102,13 +102,13 @@ void backend_destroy(ds_backend *backend)
     free(backend);
 }
 
-ds_status backend_synchronize(ds_backend *backend)
+ds_status ds_backend_synchronize(ds_backend *backend)
 {
     CUDA_TRY(cudaStreamSynchronize(backend->stream));
     return DS_OK;
 }
 
-ds_status backend_reserve_workspace(ds_backend *backend, size_t bytes)
+ds_status ds_backend_reserve_workspace(ds_backend *backend, size_t bytes)
 {
     if (bytes <= backend->workspace_bytes)
         return DS_OK;
@@ -128,7 +128,7 @@ ds_status backend_reserve_workspace(ds_backend *backend, size_t bytes)
 
 /* ================================================================ backend memory */
 
-ds_status backend_alloc(ds_backend *backend, void **memory, size_t bytes)
+ds_status ds_backend_alloc(ds_backend *backend, void **memory, size_t bytes)
 {
     *memory = NULL;
     if (bytes == 0)
@@ -144,7 +144,7 @@ ds_status backend_alloc(ds_backend *backend, void **memory, size_t bytes)
     return DS_OK;
 }
 
-void backend_free(ds_backend *backend, void *memory)
+void ds_backend_free(ds_backend *backend, void *memory)
 {
     if (!memory)
         return;
@@ -152,7 +152,7 @@ void backend_free(ds_backend *backend, void *memory)
     cudaFree(memory);
 }
 
-ds_status backend_upload(ds_backend *backend, void *dst, const void *host_src, size_t bytes)
+ds_status ds_backend_upload(ds_backend *backend, void *dst, const void *host_src, size_t bytes)
 {
     if (bytes == 0)
         return DS_OK;
@@ -162,7 +162,7 @@ ds_status backend_upload(ds_backend *backend, void *dst, const void *host_src, s
     return DS_OK;
 }
 
-ds_status backend_download(ds_backend *backend, void *host_dst, const void *src, size_t bytes)
+ds_status ds_backend_download(ds_backend *backend, void *host_dst, const void *src, size_t bytes)
 {
     if (bytes == 0)
         return DS_OK;
@@ -171,7 +171,7 @@ ds_status backend_download(ds_backend *backend, void *host_dst, const void *src,
     return DS_OK;
 }
 
-ds_status backend_copy(ds_backend *backend, void *dst, const void *src, size_t bytes)
+ds_status ds_backend_copy(ds_backend *backend, void *dst, const void *src, size_t bytes)
 {
     if (bytes == 0)
         return DS_OK;
@@ -179,7 +179,7 @@ ds_status backend_copy(ds_backend *backend, void *dst, const void *src, size_t b
     return DS_OK;
 }
 
-ds_status backend_zero(ds_backend *backend, void *dst, size_t bytes)
+ds_status ds_backend_zero(ds_backend *backend, void *dst, size_t bytes)
 {
     if (bytes == 0)
         return DS_OK;
@@ -201,7 +201,7 @@ static ds_status device_copy_of(ds_backend *b, float **dst, const float *host, s
 {
     float *p = NULL;
     DS_TRY(device_alloc((void **)&p, count * sizeof(float)));
-    ds_status rc = backend_upload(b, p, host, count * sizeof(float));
+    ds_status rc = ds_backend_upload(b, p, host, count * sizeof(float));
     if (rc != DS_OK) {
         cudaFree(p);
         return rc;
@@ -586,7 +586,7 @@ static ds_status conv_plan_create(conv_plan *p, ds_backend *b, const conv_desc *
         p->dfilter_bytes = aligned(filter_count(p) * sizeof(float));
         p->bias_partial_bytes = aligned((size_t)bias_chunks(pixels) * d->out_channels * sizeof(double));
     }
-    return backend_reserve_workspace(b, p->padded_bytes + p->dfilter_bytes + p->bias_partial_bytes + p->cudnn_bytes);
+    return ds_backend_reserve_workspace(b, p->padded_bytes + p->dfilter_bytes + p->bias_partial_bytes + p->cudnn_bytes);
 }
 
 /* dst = act(conv(src) + bias (+ dst)); filter in KRSC. */
@@ -632,8 +632,8 @@ typedef struct {
 static ds_status pool_shape_make(pool_shape *s, int batch, int channels, int height, int width, int out_height,
                                  int out_width, int kernel, int stride, int pad_before, int pad_after)
 {
-    DS_TRY(maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
-                               pad_after));
+    DS_TRY(ds_maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
+                                  pad_after));
     s->n = batch;
     s->h = height;
     s->w = width;
@@ -791,7 +791,7 @@ struct ds_op {
     size_t pixels;
 };
 
-void op_destroy(ds_op *op)
+void ds_op_destroy(ds_op *op)
 {
     if (!op)
         return;
@@ -817,7 +817,7 @@ static ds_status op_alloc(ds_op **op, ds_backend *backend)
 static ds_status op_finish(ds_op **op_out, ds_op *op, ds_status rc)
 {
     if (rc != DS_OK) {
-        op_destroy(op);
+        ds_op_destroy(op);
         return rc;
     }
     *op_out = op;
@@ -835,20 +835,20 @@ static ds_status conv_forward_build(ds_op *op, const conv_desc *d, const float *
     float *oihw = NULL;
     DS_TRY(device_copy_of(b, &oihw, weight, filter_count(&op->conv)));
     ds_status rc = filter_reorder(b, &op->conv, op->filter, oihw, 1);
-    backend_free(b, oihw); /* after the reorder: backend_free waits for the stream */
+    ds_backend_free(b, oihw); /* after the reorder: ds_backend_free waits for the stream */
     return rc;
 }
 
-ds_status conv_forward_create(ds_op **op_out, ds_backend *backend, const conv_desc *desc, const float *weight,
-                              const float *bias)
+ds_status ds_conv_forward_create(ds_op **op_out, ds_backend *backend, const conv_desc *desc, const float *weight,
+                                 const float *bias)
 {
-    DS_TRY(conv_desc_check(desc));
+    DS_TRY(ds_conv_desc_check(desc));
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
     return op_finish(op_out, op, conv_forward_build(op, desc, weight, bias));
 }
 
-ds_status conv_forward(ds_op *op, const float *src, float *dst)
+ds_status ds_conv_forward(ds_op *op, const float *src, float *dst)
 {
     return conv_plan_forward(&op->conv, op->backend, dst, src, op->filter, op->bias, op->conv.d.post);
 }
@@ -875,9 +875,9 @@ static ds_status batchnorm_relu_build(ds_op *op, const float *gamma, const float
     return rc;
 }
 
-ds_status batchnorm_relu_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                                        int width, const float *gamma, const float *beta, const float *mean,
-                                        const float *variance, float epsilon)
+ds_status ds_batchnorm_relu_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                           int width, const float *gamma, const float *beta, const float *mean,
+                                           const float *variance, float epsilon)
 {
     if (batch < 1 || channels < 1 || height < 1 || width < 1)
         return ds_fail(DS_ERR_VALUE, "batch norm: inconsistent shape");
@@ -888,7 +888,7 @@ ds_status batchnorm_relu_forward_create(ds_op **op_out, ds_backend *backend, int
     return op_finish(op_out, op, batchnorm_relu_build(op, gamma, beta, mean, variance, epsilon));
 }
 
-ds_status batchnorm_relu_forward(ds_op *op, const float *src, float *dst)
+ds_status ds_batchnorm_relu_forward(ds_op *op, const float *src, float *dst)
 {
     scale_shift_relu_kernel<<<ds_blocks(op->values), DS_THREADS, 0, op->backend->stream>>>(
         dst, src, op->scale, op->shift, op->values, op->channels);
@@ -898,8 +898,9 @@ ds_status batchnorm_relu_forward(ds_op *op, const float *src, float *dst)
 
 /* ---- max pooling ---- */
 
-ds_status maxpool_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height, int width,
-                                 int out_height, int out_width, int kernel, int stride, int pad_before, int pad_after)
+ds_status ds_maxpool_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                    int width, int out_height, int out_width, int kernel, int stride, int pad_before,
+                                    int pad_after)
 {
     pool_shape s;
     DS_TRY(pool_shape_make(&s, batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
@@ -911,15 +912,15 @@ ds_status maxpool_forward_create(ds_op **op_out, ds_backend *backend, int batch,
     return DS_OK;
 }
 
-ds_status maxpool_forward(ds_op *op, const float *src, float *dst)
+ds_status ds_maxpool_forward(ds_op *op, const float *src, float *dst)
 {
     return maxpool_launch(op->backend, &op->pool, dst, NULL, src);
 }
 
 /* ---- channel concatenation ---- */
 
-ds_status concat_forward_create(ds_op **op_out, ds_backend *backend, int batch, int height, int width, int n_inputs,
-                                const int *channels)
+ds_status ds_concat_forward_create(ds_op **op_out, ds_backend *backend, int batch, int height, int width, int n_inputs,
+                                   const int *channels)
 {
     if (n_inputs < 1 || n_inputs > CONCAT_MAX_INPUTS)
         return ds_fail(DS_ERR_VALUE, "concat: %d inputs (1..%d supported)", n_inputs, CONCAT_MAX_INPUTS);
@@ -941,7 +942,7 @@ ds_status concat_forward_create(ds_op **op_out, ds_backend *backend, int batch, 
     return DS_OK;
 }
 
-ds_status concat_forward(ds_op *op, const float *const *srcs, float *dst)
+ds_status ds_concat_forward(ds_op *op, const float *const *srcs, float *dst)
 {
     concat_inputs in = op->concat;
     for (int i = 0; i < in.n_inputs; i++)
@@ -972,7 +973,7 @@ struct ds_train_op {
     unsigned char *winner;          /* [batch, out_h, out_w, channels]: the window offset of each maximum */
 };
 
-void train_op_destroy(ds_train_op *op)
+void ds_train_op_destroy(ds_train_op *op)
 {
     if (!op)
         return;
@@ -1001,7 +1002,7 @@ static ds_status train_op_alloc(ds_train_op **op, ds_backend *backend)
 static ds_status train_op_finish(ds_train_op **op_out, ds_train_op *op, ds_status rc)
 {
     if (rc != DS_OK) {
-        train_op_destroy(op);
+        ds_train_op_destroy(op);
         return rc;
     }
     *op_out = op;
@@ -1017,17 +1018,17 @@ static ds_status conv_train_build(ds_train_op *op, const conv_desc *d, int need_
     return device_alloc((void **)&op->filter, filter_count(&op->conv) * sizeof(float));
 }
 
-ds_status conv_train_create(ds_train_op **op_out, ds_backend *backend, const conv_desc *desc, int need_dsrc)
+ds_status ds_conv_train_create(ds_train_op **op_out, ds_backend *backend, const conv_desc *desc, int need_dsrc)
 {
     if (desc->post)
         return ds_fail(DS_ERR_VALUE, "training convolution: post-ops are not supported");
-    DS_TRY(conv_desc_check(desc));
+    DS_TRY(ds_conv_desc_check(desc));
     ds_train_op *op;
     DS_TRY(train_op_alloc(&op, backend));
     return train_op_finish(op_out, op, conv_train_build(op, desc, need_dsrc));
 }
 
-ds_status conv_train_forward(ds_train_op *op, float *dst, const float *src, const float *weight, const float *bias)
+ds_status ds_conv_train_forward(ds_train_op *op, float *dst, const float *src, const float *weight, const float *bias)
 {
     DS_TRY(filter_reorder(op->backend, &op->conv, op->filter, weight, 1));
     return conv_plan_forward(&op->conv, op->backend, dst, src, op->filter, bias, 0);
@@ -1049,8 +1050,8 @@ static ds_status conv_filter_gradient(ds_train_op *op, const conv_regions *r, fl
                         (size_t)p->d.batch * p->d.out_height * p->d.out_width, p->d.out_channels);
 }
 
-ds_status conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbias, const float *ddst,
-                        const float *src)
+ds_status ds_conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbias, const float *ddst,
+                           const float *src)
 {
     if (dsrc && !op->need_dsrc)
         return ds_fail(DS_ERR_VALUE, "convolution backward: built without the data gradient");
@@ -1112,8 +1113,8 @@ static ds_status batchnorm_train_build(ds_train_op *op, int batch, int channels,
     return DS_OK;
 }
 
-ds_status batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                                 int width, float epsilon, int relu, int mode)
+ds_status ds_batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                    int width, float epsilon, int relu, int mode)
 {
     if (batch < 1 || channels < 1 || height < 1 || width < 1)
         return ds_fail(DS_ERR_VALUE, "batch norm: inconsistent shape");
@@ -1137,8 +1138,8 @@ ds_status batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int 
     return train_op_finish(op_out, op, batchnorm_train_build(op, batch, channels, height, width));
 }
 
-ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, float *variance, const float *src,
-                                  const float *gamma, const float *beta)
+ds_status ds_batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, float *variance, const float *src,
+                                     const float *gamma, const float *beta)
 {
     ds_backend *b = op->backend;
     const float one = 1.0f, zero = 0.0f;
@@ -1159,12 +1160,12 @@ ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, floa
                                                           src, op->bn_data, dst, op->bn_params, gamma, beta, mean,
                                                           variance, op->epsilon));
     }
-    return op->relu ? relu_inplace(b, dst, op->values) : DS_OK;
+    return op->relu ? ds_relu_inplace(b, dst, op->values) : DS_OK;
 }
 
-ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, float *ddst,
-                             const float *src, const float *mean, const float *variance, const float *gamma,
-                             const float *beta)
+ds_status ds_batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, float *ddst,
+                                const float *src, const float *mean, const float *variance, const float *gamma,
+                                const float *beta)
 {
     if (!op->training)
         return ds_fail(DS_ERR_VALUE, "batch norm backward: the op was built for inference");
@@ -1184,9 +1185,9 @@ ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float 
 
 /* ---- max pooling with the winners kept for the backward ---- */
 
-ds_status maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                               int width, int out_height, int out_width, int kernel, int stride, int pad_before,
-                               int pad_after)
+ds_status ds_maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                  int width, int out_height, int out_width, int kernel, int stride, int pad_before,
+                                  int pad_after)
 {
     pool_shape s;
     DS_TRY(pool_shape_make(&s, batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
@@ -1198,12 +1199,12 @@ ds_status maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int ba
     return train_op_finish(op_out, op, device_alloc((void **)&op->winner, outputs));
 }
 
-ds_status maxpool_train_forward(ds_train_op *op, float *dst, const float *src)
+ds_status ds_maxpool_train_forward(ds_train_op *op, float *dst, const float *src)
 {
     return maxpool_launch(op->backend, &op->pool, dst, op->winner, src);
 }
 
-ds_status maxpool_backward(ds_train_op *op, float *dsrc, const float *ddst)
+ds_status ds_maxpool_backward(ds_train_op *op, float *dsrc, const float *ddst)
 {
     const pool_shape *s = &op->pool;
     size_t count = (size_t)s->n * s->h * s->w * s->c;

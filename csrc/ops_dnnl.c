@@ -37,7 +37,7 @@ struct ds_op {
             return ds_fail(DS_ERR_BACKEND, "oneDNN: %s failed (status %d)", what, (int)dnnl_rc_);     \
     } while (0)
 
-ds_status backend_create(ds_backend **backend, int math_mode)
+ds_status ds_backend_create(ds_backend **backend, int math_mode)
 {
     if (math_mode == DS_MATH_TF32)
         return ds_fail(DS_ERR_VALUE, "TF32 convolutions need the GPU (CUDA) backend; the CPU computes in float32");
@@ -59,7 +59,7 @@ ds_status backend_create(ds_backend **backend, int math_mode)
     return DS_OK;
 }
 
-void backend_destroy(ds_backend *backend)
+void ds_backend_destroy(ds_backend *backend)
 {
     if (!backend)
         return;
@@ -68,13 +68,13 @@ void backend_destroy(ds_backend *backend)
     free(backend);
 }
 
-ds_status backend_synchronize(ds_backend *backend)
+ds_status ds_backend_synchronize(ds_backend *backend)
 {
     DNNL_TRY(dnnl_stream_wait(backend->stream), "stream wait");
     return DS_OK;
 }
 
-ds_status backend_probe(char *description, size_t size)
+ds_status ds_backend_probe(char *description, size_t size)
 {
     const dnnl_version_t *v = dnnl_version();
     snprintf(description, size, "CPU, oneDNN %d.%d.%d", v->major, v->minor, v->patch);
@@ -85,7 +85,7 @@ ds_status backend_probe(char *description, size_t size)
 
 #define BACKEND_ALIGNMENT 64
 
-ds_status backend_alloc(ds_backend *backend, void **memory, size_t bytes)
+ds_status ds_backend_alloc(ds_backend *backend, void **memory, size_t bytes)
 {
     size_t rounded = (bytes + BACKEND_ALIGNMENT - 1) / BACKEND_ALIGNMENT * BACKEND_ALIGNMENT;
     *memory = aligned_alloc(BACKEND_ALIGNMENT, rounded ? rounded : BACKEND_ALIGNMENT);
@@ -95,38 +95,38 @@ ds_status backend_alloc(ds_backend *backend, void **memory, size_t bytes)
     return DS_OK;
 }
 
-void backend_free(ds_backend *backend, void *memory) { free(memory); }
+void ds_backend_free(ds_backend *backend, void *memory) { free(memory); }
 
-ds_status backend_upload(ds_backend *backend, void *dst, const void *host_src, size_t bytes)
+ds_status ds_backend_upload(ds_backend *backend, void *dst, const void *host_src, size_t bytes)
 {
     if (bytes)
         memcpy(dst, host_src, bytes);
     return DS_OK;
 }
 
-ds_status backend_download(ds_backend *backend, void *host_dst, const void *src, size_t bytes)
+ds_status ds_backend_download(ds_backend *backend, void *host_dst, const void *src, size_t bytes)
 {
-    DS_TRY(backend_synchronize(backend));
+    DS_TRY(ds_backend_synchronize(backend));
     if (bytes)
         memcpy(host_dst, src, bytes);
     return DS_OK;
 }
 
-ds_status backend_copy(ds_backend *backend, void *dst, const void *src, size_t bytes)
+ds_status ds_backend_copy(ds_backend *backend, void *dst, const void *src, size_t bytes)
 {
     if (bytes)
         memmove(dst, src, bytes);
     return DS_OK;
 }
 
-ds_status backend_zero(ds_backend *backend, void *dst, size_t bytes)
+ds_status ds_backend_zero(ds_backend *backend, void *dst, size_t bytes)
 {
     if (bytes)
         memset(dst, 0, bytes);
     return DS_OK;
 }
 
-void op_destroy(ds_op *op)
+void ds_op_destroy(ds_op *op)
 {
     if (!op)
         return;
@@ -249,10 +249,10 @@ static ds_status conv_attr(dnnl_primitive_attr_t *attr, unsigned post)
     return DS_OK;
 }
 
-ds_status conv_forward_create(ds_op **op_out, ds_backend *backend, const conv_desc *d, const float *weight,
-                              const float *bias)
+ds_status ds_conv_forward_create(ds_op **op_out, ds_backend *backend, const conv_desc *d, const float *weight,
+                                 const float *bias)
 {
-    DS_TRY(conv_desc_check(d));
+    DS_TRY(ds_conv_desc_check(d));
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
     dnnl_memory_desc_t src_md = NULL, dst_md = NULL, any_weight_md = NULL, user_weight_md = NULL, bias_md = NULL;
@@ -302,19 +302,19 @@ done:
     if (attr)
         dnnl_primitive_attr_destroy(attr);
     if (rc != DS_OK)
-        op_destroy(op);
+        ds_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status conv_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
+ds_status ds_conv_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
 
 /* ---- batch norm + ReLU (inference) ---- */
 
-ds_status batchnorm_relu_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                                        int width, const float *gamma, const float *beta, const float *mean,
-                                        const float *variance, float epsilon)
+ds_status ds_batchnorm_relu_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                           int width, const float *gamma, const float *beta, const float *mean,
+                                           const float *variance, float epsilon)
 {
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
@@ -343,21 +343,22 @@ done:
     dnnl_memory_desc_destroy(md);
     dnnl_memory_desc_destroy(vec_md);
     if (rc != DS_OK)
-        op_destroy(op);
+        ds_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status batchnorm_relu_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
+ds_status ds_batchnorm_relu_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
 
 /* ---- max pooling ---- */
 
-ds_status maxpool_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height, int width,
-                                 int out_height, int out_width, int kernel, int stride, int pad_before, int pad_after)
+ds_status ds_maxpool_forward_create(ds_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                    int width, int out_height, int out_width, int kernel, int stride, int pad_before,
+                                    int pad_after)
 {
-    DS_TRY(maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
-                               pad_after));
+    DS_TRY(ds_maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
+                                  pad_after));
     ds_op *op;
     DS_TRY(op_alloc(&op, backend));
     dnnl_memory_desc_t src_md = NULL, dst_md = NULL;
@@ -384,18 +385,18 @@ done:
     dnnl_memory_desc_destroy(src_md);
     dnnl_memory_desc_destroy(dst_md);
     if (rc != DS_OK)
-        op_destroy(op);
+        ds_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status maxpool_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
+ds_status ds_maxpool_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
 
 /* ---- channel concatenation ---- */
 
-ds_status concat_forward_create(ds_op **op_out, ds_backend *backend, int batch, int height, int width, int n_inputs,
-                                const int *channels)
+ds_status ds_concat_forward_create(ds_op **op_out, ds_backend *backend, int batch, int height, int width, int n_inputs,
+                                   const int *channels)
 {
     if (n_inputs < 1 || n_inputs > CONCAT_MAX_INPUTS)
         return ds_fail(DS_ERR_VALUE, "concat: %d inputs (1..%d supported)", n_inputs, CONCAT_MAX_INPUTS);
@@ -429,13 +430,13 @@ done:
         dnnl_memory_desc_destroy(src_md[i]);
     dnnl_memory_desc_destroy(dst_md);
     if (rc != DS_OK)
-        op_destroy(op);
+        ds_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status concat_forward(ds_op *op, const float *const *srcs, float *dst)
+ds_status ds_concat_forward(ds_op *op, const float *const *srcs, float *dst)
 {
     int n_inputs = op->n_io - 1;
     for (int i = 0; i < n_inputs; i++)
@@ -469,7 +470,7 @@ struct ds_train_op {
     dnnl_memory_t mems[TOP_MAX_MEMS]; /* every memory object, destroyed with the op */
 };
 
-void train_op_destroy(ds_train_op *op)
+void ds_train_op_destroy(ds_train_op *op)
 {
     if (!op)
         return;
@@ -544,11 +545,11 @@ static ds_status bind(dnnl_memory_t mem, const void *data)
 
 /* ---- convolution and transposed convolution: forward (training), backward data, backward weights ---- */
 
-ds_status conv_train_create(ds_train_op **op_out, ds_backend *backend, const conv_desc *d, int need_dsrc)
+ds_status ds_conv_train_create(ds_train_op **op_out, ds_backend *backend, const conv_desc *d, int need_dsrc)
 {
     if (d->post)
         return ds_fail(DS_ERR_VALUE, "training convolution: post-ops are not supported");
-    DS_TRY(conv_desc_check(d));
+    DS_TRY(ds_conv_desc_check(d));
     ds_train_op *op;
     DS_TRY(top_alloc(&op, backend));
     op->need_dsrc = need_dsrc;
@@ -664,13 +665,13 @@ done:
     dnnl_memory_desc_destroy(user_w);
     dnnl_memory_desc_destroy(bias_md);
     if (rc != DS_OK)
-        train_op_destroy(op);
+        ds_train_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status conv_train_forward(ds_train_op *op, float *dst, const float *src, const float *weight, const float *bias)
+ds_status ds_conv_train_forward(ds_train_op *op, float *dst, const float *src, const float *weight, const float *bias)
 {
     DS_TRY(bind(op->src, src));
     DS_TRY(bind(op->dst, dst));
@@ -680,8 +681,8 @@ ds_status conv_train_forward(ds_train_op *op, float *dst, const float *src, cons
     return step_run(op, &op->fwd);
 }
 
-ds_status conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbias, const float *ddst,
-                        const float *src)
+ds_status ds_conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbias, const float *ddst,
+                           const float *src)
 {
     DS_TRY(bind(op->ddst, ddst));
     if (dsrc) {
@@ -705,8 +706,8 @@ ds_status conv_backward(ds_train_op *op, float *dsrc, float *dweight, float *dbi
 
 /* ---- batch norm (+ ReLU), training and inference with statistics passed per call ---- */
 
-ds_status batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                                 int width, float epsilon, int relu, int mode)
+ds_status ds_batchnorm_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                    int width, float epsilon, int relu, int mode)
 {
     if (mode != DS_BN_INFERENCE && mode != DS_BN_BATCH_STATISTICS && mode != DS_BN_FROZEN)
         return ds_fail(DS_ERR_VALUE, "batch norm: unknown mode %d", mode);
@@ -777,14 +778,14 @@ done:
     dnnl_memory_desc_destroy(md);
     dnnl_memory_desc_destroy(vec_md);
     if (rc != DS_OK)
-        train_op_destroy(op);
+        ds_train_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, float *variance, const float *src,
-                                  const float *gamma, const float *beta)
+ds_status ds_batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, float *variance, const float *src,
+                                     const float *gamma, const float *beta)
 {
     DS_TRY(bind(op->src, src));
     DS_TRY(bind(op->dst, dst));
@@ -795,9 +796,9 @@ ds_status batchnorm_train_forward(ds_train_op *op, float *dst, float *mean, floa
     return step_run(op, &op->fwd);
 }
 
-ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, float *ddst,
-                             const float *src, const float *mean, const float *variance, const float *gamma,
-                             const float *beta)
+ds_status ds_batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float *dbeta, float *ddst,
+                                const float *src, const float *mean, const float *variance, const float *gamma,
+                                const float *beta)
 {
     if (!op->training)
         return ds_fail(DS_ERR_VALUE, "batch norm backward: the op was built for inference");
@@ -814,12 +815,12 @@ ds_status batchnorm_backward(ds_train_op *op, float *dsrc, float *dgamma, float 
 
 /* ---- max pooling with its arg-max workspace ---- */
 
-ds_status maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
-                               int width, int out_height, int out_width, int kernel, int stride, int pad_before,
-                               int pad_after)
+ds_status ds_maxpool_train_create(ds_train_op **op_out, ds_backend *backend, int batch, int channels, int height,
+                                  int width, int out_height, int out_width, int kernel, int stride, int pad_before,
+                                  int pad_after)
 {
-    DS_TRY(maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
-                               pad_after));
+    DS_TRY(ds_maxpool_shape_check(batch, channels, height, width, out_height, out_width, kernel, stride, pad_before,
+                                  pad_after));
     ds_train_op *op;
     DS_TRY(top_alloc(&op, backend));
     op->training = 1;
@@ -865,20 +866,20 @@ done:
     dnnl_memory_desc_destroy(src_md);
     dnnl_memory_desc_destroy(dst_md);
     if (rc != DS_OK)
-        train_op_destroy(op);
+        ds_train_op_destroy(op);
     else
         *op_out = op;
     return rc;
 }
 
-ds_status maxpool_train_forward(ds_train_op *op, float *dst, const float *src)
+ds_status ds_maxpool_train_forward(ds_train_op *op, float *dst, const float *src)
 {
     DS_TRY(bind(op->src, src));
     DS_TRY(bind(op->dst, dst));
     return step_run(op, &op->fwd);
 }
 
-ds_status maxpool_backward(ds_train_op *op, float *dsrc, const float *ddst)
+ds_status ds_maxpool_backward(ds_train_op *op, float *dsrc, const float *ddst)
 {
     DS_TRY(bind(op->ddst, ddst));
     DS_TRY(bind(op->dsrc, dsrc));

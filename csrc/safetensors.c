@@ -151,7 +151,7 @@ static int compare_by_offset(const void *a, const void *b)
     return (x->data > y->data) - (x->data < y->data);
 }
 
-ds_status st_parse(st_file *file, uint8_t *bytes, size_t nbytes)
+ds_status ds_st_parse(st_file *file, uint8_t *bytes, size_t nbytes)
 {
     memset(file, 0, sizeof *file);
     file->bytes = bytes;
@@ -183,7 +183,7 @@ ds_status st_parse(st_file *file, uint8_t *bytes, size_t nbytes)
                 DS_TRY(parse_metadata(&c));
                 continue;
             }
-            if (st_find(file, name))
+            if (ds_st_find(file, name))
                 return ds_fail(DS_ERR_FORMAT, "safetensors: tensor '%s' appears twice", name);
             if (file->ntensors == cap) {
                 st_tensor *grown = realloc(file->tensors, (size_t)cap * 2 * sizeof *grown);
@@ -241,7 +241,7 @@ ds_status st_parse(st_file *file, uint8_t *bytes, size_t nbytes)
     return rc;
 }
 
-ds_status st_read(st_file *file, const char *path)
+ds_status ds_st_read(st_file *file, const char *path)
 {
     memset(file, 0, sizeof *file);
     FILE *f = fopen(path, "rb");
@@ -268,17 +268,17 @@ ds_status st_read(st_file *file, const char *path)
         free(bytes);
         return ds_fail(DS_ERR_IO, "short read on '%s'", path);
     }
-    ds_status rc = st_parse(file, bytes, (size_t)size);
+    ds_status rc = ds_st_parse(file, bytes, (size_t)size);
     if (rc != DS_OK) {
         char message[512];
         snprintf(message, sizeof message, "%.300s (file '%.180s')", ds_last_error(), path);
-        st_free(file);
+        ds_st_free(file);
         return ds_fail(rc, "%s", message);
     }
     return DS_OK;
 }
 
-const st_tensor *st_find(const st_file *file, const char *name)
+const st_tensor *ds_st_find(const st_file *file, const char *name)
 {
     for (int i = 0; i < file->ntensors; i++)
         if (strcmp(file->tensors[i].name, name) == 0)
@@ -286,7 +286,7 @@ const st_tensor *st_find(const st_file *file, const char *name)
     return NULL;
 }
 
-void st_free(st_file *file)
+void ds_st_free(st_file *file)
 {
     free(file->bytes);
     free(file->tensors);

@@ -26,9 +26,9 @@ typedef struct {
     int ntensors;
 } st_file;
 
-ds_status st_parse(st_file *file, uint8_t *bytes, size_t nbytes); /* takes ownership of bytes */
-ds_status st_read(st_file *file, const char *path);
-const st_tensor *st_find(const st_file *file, const char *name);
-void st_free(st_file *file);
+ds_status ds_st_parse(st_file *file, uint8_t *bytes, size_t nbytes); /* takes ownership of bytes */
+ds_status ds_st_read(st_file *file, const char *path);
+const st_tensor *ds_st_find(const st_file *file, const char *name);
+void ds_st_free(st_file *file);
 
 #endif

@@ -1,10 +1,12 @@
 /* train.c - the DeepSpot training graph (see train.h).
  *
- * A graph is built per (batch, height, width, mode) as a list of nodes in forward order; node i runs
+ * A graph is built per (batch, height, width, mode) from the network's layer table (network.h), one
+ * node per layer, as a list of nodes in forward order; node i runs
  * its forward at schedule step i and its backward at step 2N-1-i. Every tensor (activation,
  * gradient of an activation, saved batch statistics, dropout mask, scratch) gets a lifetime on that
  * schedule and an offset in one arena (greedy first fit among tensors whose lifetimes overlap),
  * so an activation's memory is reused once its last backward consumer has run.
+ * The inference mode of the same graph (moving statistics, no dropout) is trainer_evaluate's forward.
  * Unlike the inference plan nothing is folded: BN runs on batch statistics and its ReLU is fused;
  * dropout and residual adds are the kernels of ops.h. A tensor read by several nodes gets its
  * gradient written by the last of them (first in backward order) and accumulated by the others.
@@ -20,11 +22,12 @@
 #include <string.h>
 
 #include "arena.h"
+#include "network.h"
 #include "safetensors.h"
 
 /* ---------------------------------------------------------------- configuration */
 
-void train_config_default(ds_train_config *c)
+void ds_train_config_default(ds_train_config *c)
 {
     *c = (ds_train_config){.learning_rate = 1e-4f, .beta1 = 0.9, .beta2 = 0.999, .adam_epsilon = 1e-7f,
                            .dropout_rate = 0.2f, .bn_momentum = 0.99, .bn_bessel = 0,
@@ -153,7 +156,7 @@ static ds_status g_conv(graph *g, ds_backend *be, int in, int *out, conv_params 
 {
     const tensor *x = &g->tensors[in];
     conv_desc d;
-    model_conv_desc(&d, g->batch, x->c, x->h, x->w, cp, transposed, stride, dilation, 0);
+    ds_model_conv_desc(&d, g->batch, x->c, x->h, x->w, cp, transposed, stride, dilation, 0);
     if (cp->in_channels != x->c)
         return ds_fail(DS_ERR_VALUE, "training graph: channel mismatch");
     node *n;
@@ -163,7 +166,7 @@ static ds_status g_conv(graph *g, ds_backend *be, int in, int *out, conv_params 
     n->need_dsrc = need_dsrc && g->training;
     DS_TRY(new_tensor(g, &n->out, d.out_channels, d.out_height, d.out_width));
     *out = n->out;
-    return conv_train_create(&n->op, be, &d, n->need_dsrc);
+    return ds_conv_train_create(&n->op, be, &d, n->need_dsrc);
 }
 
 static ds_status g_bn(graph *g, ds_backend *be, int in, int *out, bn_params *bp, bn_params *bg, int relu)
@@ -186,21 +189,21 @@ static ds_status g_bn(graph *g, ds_backend *be, int in, int *out, bn_params *bp,
         DS_TRY(rc);
     }
     *out = n->out;
-    return batchnorm_train_create(&n->op, be, g->batch, x.c, x.h, x.w, DS_BN_EPSILON, relu,
-                                  !g->training ? DS_BN_INFERENCE : frozen ? DS_BN_FROZEN : DS_BN_BATCH_STATISTICS);
+    return ds_batchnorm_train_create(&n->op, be, g->batch, x.c, x.h, x.w, DS_BN_EPSILON, relu,
+                                     !g->training ? DS_BN_INFERENCE : frozen ? DS_BN_FROZEN : DS_BN_BATCH_STATISTICS);
 }
 
 static ds_status g_pool(graph *g, ds_backend *be, int in, int *out)
 {
     const tensor x = g->tensors[in];
     int oh, ow, before, after;
-    model_pool_shape(x.h, x.w, &oh, &ow, &before, &after);
+    ds_model_pool_shape(x.h, x.w, &oh, &ow, &before, &after);
     node *n;
     DS_TRY(new_node(g, &n, N_POOL, &in, 1));
     DS_TRY(new_tensor(g, &n->out, x.c, oh, ow));
     *out = n->out;
-    return maxpool_train_create(&n->op, be, g->batch, x.c, x.h, x.w, oh, ow, DS_POOL_KERNEL, DS_POOL_STRIDE, before,
-                                after);
+    return ds_maxpool_train_create(&n->op, be, g->batch, x.c, x.h, x.w, oh, ow, DS_POOL_KERNEL, DS_POOL_STRIDE, before,
+                                   after);
 }
 
 static ds_status g_concat(graph *g, ds_backend *be, const int *in, int n_in, int *out)
@@ -215,7 +218,7 @@ static ds_status g_concat(graph *g, ds_backend *be, const int *in, int n_in, int
     DS_TRY(new_node(g, &n, N_CONCAT, in, n_in));
     DS_TRY(new_tensor(g, &n->out, total, x.h, x.w));
     *out = n->out;
-    return concat_forward_create(&n->concat, be, g->batch, x.h, x.w, n_in, channels);
+    return ds_concat_forward_create(&n->concat, be, g->batch, x.h, x.w, n_in, channels);
 }
 
 /* out = [relu](dropout(a) + b) */
@@ -240,57 +243,42 @@ static ds_status g_drop_add(graph *g, int a, int b, int *out, int relu)
     return DS_OK;
 }
 
+/* The training graph of the network's table (network.h), layer by layer, nothing folded. */
 static ds_status build_network(graph *g, ds_trainer *tr)
 {
     ds_backend *be = tr->backend;
-    model_params *p = &tr->params, *d = &tr->grads;
-    int x, t, u;
+    ds_network net;
+    ds_network_describe(&net);
+    int id[DS_MAX_TENSORS]; /* the graph tensor of each table tensor */
+    int image = net.stage_input[STAGE_ENCODER];
     DS_TRY(new_tensor(g, &g->input, 1, g->height, g->width));
     DS_TRY(new_tensor(g, &g->target, 1, g->height, g->width));
-    x = g->input;
-    /* CASO: three paths from the raw input */
-    int paths[CASO_PATHS];
-    for (int path = 0; path < CASO_PATHS; path++) {
-        t = x;
-        for (int i = 0; i < 3; i++) {
-            conv_params *cp = &p->caso[path].conv[i], *cg = &d->caso[path].conv[i];
-            bn_params *bp = &p->caso[path].bn[i], *bg = &d->caso[path].bn[i];
-            int stride = path == CASO_STRIDED ? 2 : 1, dilation = path == CASO_ATROUS ? 2 : 1;
-            DS_TRY(g_conv(g, be, t, &u, cp, cg, 0, stride, dilation, i > 0));
-            DS_TRY(g_bn(g, be, u, &t, bp, bg, 1));
-            if (path != CASO_STRIDED) {
-                DS_TRY(g_pool(g, be, t, &u));
-                t = u;
-            }
+    id[image] = g->input;
+    for (int i = 0; i < net.n_layers; i++) {
+        const ds_layer *l = &net.layers[i];
+        int in[CONCAT_MAX_INPUTS];
+        for (int k = 0; k < l->n_in; k++)
+            in[k] = id[l->in[k]];
+        switch (l->kind) {
+        case DS_LAYER_CONV: /* no data gradient for the image */
+            DS_TRY(g_conv(g, be, in[0], &id[l->out], ds_layer_conv(l, &tr->params), ds_layer_conv(l, &tr->grads),
+                          l->transposed, l->stride, l->dilation, l->in[0] != image));
+            break;
+        case DS_LAYER_BN:
+            DS_TRY(g_bn(g, be, in[0], &id[l->out], ds_layer_bn(l, &tr->params), ds_layer_bn(l, &tr->grads), l->relu));
+            break;
+        case DS_LAYER_POOL:
+            DS_TRY(g_pool(g, be, in[0], &id[l->out]));
+            break;
+        case DS_LAYER_CONCAT:
+            DS_TRY(g_concat(g, be, in, l->n_in, &id[l->out]));
+            break;
+        case DS_LAYER_ADD:
+            DS_TRY(g_drop_add(g, in[0], in[1], &id[l->out], l->relu));
+            break;
         }
-        paths[path] = t;
     }
-    DS_TRY(g_concat(g, be, paths, CASO_PATHS, &t));
-    /* trunk: pre-activation bottlenecks */
-    for (int b = 0; b < DS_TRUNK_BLOCKS; b++) {
-        int h = t, shortcut = t, a;
-        for (int i = 0; i < 3; i++) {
-            DS_TRY(g_bn(g, be, h, &a, &p->trunk[b].bn[i], &d->trunk[b].bn[i], 1));
-            DS_TRY(g_conv(g, be, a, &h, &p->trunk[b].conv[i], &d->trunk[b].conv[i], 0, 1, 1, 1));
-        }
-        if (b == 0) {
-            DS_TRY(g_conv(g, be, t, &u, &p->trunk[0].shortcut_conv, &d->trunk[0].shortcut_conv, 0, 1, 1, 1));
-            DS_TRY(g_bn(g, be, u, &shortcut, &p->trunk[0].shortcut_bn, &d->trunk[0].shortcut_bn, 0));
-        }
-        DS_TRY(g_drop_add(g, h, shortcut, &t, 0));
-    }
-    /* decoder: up-residual blocks */
-    for (int j = 0; j < 3; j++) {
-        int h = t, s;
-        for (int i = 0; i < 3; i++) {
-            DS_TRY(g_conv(g, be, h, &u, &p->decoder[j].convt[i], &d->decoder[j].convt[i], 1, i == 0 ? 2 : 1, 1, 1));
-            DS_TRY(g_bn(g, be, u, &h, &p->decoder[j].bn[i], &d->decoder[j].bn[i], i < 2));
-        }
-        DS_TRY(g_conv(g, be, t, &u, &p->decoder[j].shortcut_convt, &d->decoder[j].shortcut_convt, 1, 2, 1, 1));
-        DS_TRY(g_bn(g, be, u, &s, &p->decoder[j].shortcut_bn, &d->decoder[j].shortcut_bn, 0));
-        DS_TRY(g_drop_add(g, h, s, &t, 1));
-    }
-    DS_TRY(g_conv(g, be, t, &g->logits, &p->head, &d->head, 0, 1, 1, 1));
+    g->logits = id[net.output];
     int in[2] = {g->logits, g->target};
     node *n;
     DS_TRY(new_node(g, &n, N_LOSS, in, 2));
@@ -379,7 +367,7 @@ static void place_tensors(graph *g)
     arena_slot slots[G_MAX_TENSORS];
     for (int i = 0; i < g->n_tensors; i++)
         slots[i] = (arena_slot){g->tensors[i].floats, g->tensors[i].first, g->tensors[i].last, 0};
-    g->arena_floats = arena_place(slots, g->n_tensors);
+    g->arena_floats = ds_arena_place(slots, g->n_tensors);
     for (int i = 0; i < g->n_tensors; i++)
         g->tensors[i].offset = slots[i].offset;
 }
@@ -389,8 +377,8 @@ static void graph_free(graph *g)
     if (!g)
         return;
     for (int i = 0; i < g->n_nodes; i++) {
-        train_op_destroy(g->nodes[i].op);
-        op_destroy(g->nodes[i].concat);
+        ds_train_op_destroy(g->nodes[i].op);
+        ds_op_destroy(g->nodes[i].concat);
     }
     free(g);
 }
@@ -441,10 +429,10 @@ static ds_status get_graph(ds_trainer *tr, int batch, int height, int width, int
     graph *g = NULL;
     DS_TRY(graph_create(&g, tr, batch, height, width, training));
     if (g->arena_floats > tr->arena_floats) {
-        backend_free(tr->backend, tr->arena);
+        ds_backend_free(tr->backend, tr->arena);
         tr->arena = NULL;
         tr->arena_floats = 0;
-        if (backend_alloc(tr->backend, (void **)&tr->arena, g->arena_floats * sizeof(float)) != DS_OK) {
+        if (ds_backend_alloc(tr->backend, (void **)&tr->arena, g->arena_floats * sizeof(float)) != DS_OK) {
             size_t mib = g->arena_floats * sizeof(float) >> 20;
             graph_free(g);
             return ds_fail(DS_ERR_NOMEM, "out of memory: %zu MiB of activations to train on a batch of %d at %dx%d",
@@ -470,49 +458,49 @@ static ds_status forward(ds_trainer *tr, graph *g)
         node *n = &g->nodes[i];
         switch (n->kind) {
         case N_CONV:
-            DS_TRY(conv_train_forward(n->op, T(n->out), T(n->in[0]), n->cp->weight, n->cp->bias));
+            DS_TRY(ds_conv_train_forward(n->op, T(n->out), T(n->in[0]), n->cp->weight, n->cp->bias));
             break;
         case N_BN:
             if (n->mean >= 0) { /* training on the batch statistics */
-                DS_TRY(batchnorm_train_forward(n->op, T(n->out), T(n->mean), T(n->var), T(n->in[0]), n->bp->gamma,
-                                               n->bp->beta));
+                DS_TRY(ds_batchnorm_train_forward(n->op, T(n->out), T(n->mean), T(n->var), T(n->in[0]), n->bp->gamma,
+                                                  n->bp->beta));
             } else {
-                DS_TRY(batchnorm_train_forward(n->op, T(n->out), n->bp->moving_mean, n->bp->moving_variance,
-                                               T(n->in[0]), n->bp->gamma, n->bp->beta));
+                DS_TRY(ds_batchnorm_train_forward(n->op, T(n->out), n->bp->moving_mean, n->bp->moving_variance,
+                                                  T(n->in[0]), n->bp->gamma, n->bp->beta));
             }
             break;
         case N_POOL:
-            DS_TRY(maxpool_train_forward(n->op, T(n->out), T(n->in[0])));
+            DS_TRY(ds_maxpool_train_forward(n->op, T(n->out), T(n->in[0])));
             break;
         case N_CONCAT: {
             const float *srcs[CONCAT_MAX_INPUTS];
             for (int k = 0; k < n->n_in; k++)
                 srcs[k] = T(n->in[k]);
-            DS_TRY(concat_forward(n->concat, srcs, T(n->out)));
+            DS_TRY(ds_concat_forward(n->concat, srcs, T(n->out)));
             break;
         }
         case N_DROP_ADD: {
             const tensor *x = &g->tensors[n->out];
             size_t pixels = (size_t)x->h * x->w;
             if (g->training && tr->cfg.dropout_rate > 0.0f) {
-                DS_TRY(dropout_mask(be, T(n->mask), g->batch, x->c, tr->cfg.dropout_rate, tr->cfg.seed,
-                                    (unsigned long long)tr->step * 1024u + (unsigned)i));
-                DS_TRY(spatial_dropout_forward(be, T(n->out), T(n->in[0]), T(n->mask), g->batch, pixels, x->c));
-                DS_TRY(add_inplace(be, T(n->out), T(n->in[1]), x->floats));
+                DS_TRY(ds_dropout_mask(be, T(n->mask), g->batch, x->c, tr->cfg.dropout_rate, tr->cfg.seed,
+                                       (unsigned long long)tr->step * 1024u + (unsigned)i));
+                DS_TRY(ds_spatial_dropout_forward(be, T(n->out), T(n->in[0]), T(n->mask), g->batch, pixels, x->c));
+                DS_TRY(ds_add_inplace(be, T(n->out), T(n->in[1]), x->floats));
             } else {
                 if (g->training)
-                    DS_TRY(dropout_mask(be, T(n->mask), g->batch, x->c, 0.0f, 0, 0));
-                DS_TRY(add_forward(be, T(n->out), T(n->in[0]), T(n->in[1]), x->floats));
+                    DS_TRY(ds_dropout_mask(be, T(n->mask), g->batch, x->c, 0.0f, 0, 0));
+                DS_TRY(ds_add_forward(be, T(n->out), T(n->in[0]), T(n->in[1]), x->floats));
             }
             if (n->relu)
-                DS_TRY(relu_inplace(be, T(n->out), x->floats));
+                DS_TRY(ds_relu_inplace(be, T(n->out), x->floats));
             break;
         }
         case N_LOSS: {
             const tensor *z = &g->tensors[n->in[0]];
-            DS_TRY(deepspot_loss(be, tr->loss_terms, n->pred >= 0 ? T(n->pred) : NULL,
-                                 g->training ? T(z->grad) : NULL, T(n->in[0]), T(n->in[1]), g->batch,
-                                 (size_t)z->h * z->w, tr->cfg.bce_mode, tr->cfg.max_mode));
+            DS_TRY(ds_deepspot_loss(be, tr->loss_terms, n->pred >= 0 ? T(n->pred) : NULL,
+                                    g->training ? T(z->grad) : NULL, T(n->in[0]), T(n->in[1]), g->batch,
+                                    (size_t)z->h * z->w, tr->cfg.bce_mode, tr->cfg.max_mode));
             break;
         }
         }
@@ -531,9 +519,9 @@ static ds_status commit_moving_statistics(ds_trainer *tr, graph *g)
         const tensor *x = &g->tensors[n->in[0]];
         double count = (double)g->batch * x->h * x->w;
         float correction = tr->cfg.bn_bessel && count > 1.0 ? (float)(count / (count - 1.0)) : 1.0f;
-        DS_TRY(moving_statistics_update(tr->backend, n->bp->moving_mean, n->bp->moving_variance, T(n->mean),
-                                        T(n->var), n->bp->channels, tr->cfg.bn_momentum, correction,
-                                        tr->loss_terms));
+        DS_TRY(ds_moving_statistics_update(tr->backend, n->bp->moving_mean, n->bp->moving_variance, T(n->mean),
+                                           T(n->var), n->bp->channels, tr->cfg.bn_momentum, correction,
+                                           tr->loss_terms));
     }
     return DS_OK;
 }
@@ -555,22 +543,22 @@ static ds_status backward(ds_trainer *tr, graph *g)
         case N_LOSS:
             break; /* the loss wrote d(logits) in its forward */
         case N_CONV:
-            DS_TRY(conv_backward(n->op, n->need_dsrc ? grad_target(tr, g, n, 0) : NULL, n->cg->weight, n->cg->bias,
-                                 dout, T(n->in[0])));
+            DS_TRY(ds_conv_backward(n->op, n->need_dsrc ? grad_target(tr, g, n, 0) : NULL, n->cg->weight, n->cg->bias,
+                                    dout, T(n->in[0])));
             if (n->need_dsrc && n->acc[0])
-                DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
+                DS_TRY(ds_add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
         case N_BN:
-            DS_TRY(batchnorm_backward(n->op, grad_target(tr, g, n, 0), n->bg->gamma, n->bg->beta, dout, T(n->in[0]),
-                                      n->mean >= 0 ? T(n->mean) : n->bp->moving_mean,
-                                      n->mean >= 0 ? T(n->var) : n->bp->moving_variance, n->bp->gamma, n->bp->beta));
+            DS_TRY(ds_batchnorm_backward(n->op, grad_target(tr, g, n, 0), n->bg->gamma, n->bg->beta, dout, T(n->in[0]),
+                                         n->mean >= 0 ? T(n->mean) : n->bp->moving_mean,
+                                         n->mean >= 0 ? T(n->var) : n->bp->moving_variance, n->bp->gamma, n->bp->beta));
             if (n->acc[0])
-                DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
+                DS_TRY(ds_add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
         case N_POOL:
-            DS_TRY(maxpool_backward(n->op, grad_target(tr, g, n, 0), dout));
+            DS_TRY(ds_maxpool_backward(n->op, grad_target(tr, g, n, 0), dout));
             if (n->acc[0])
-                DS_TRY(add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
+                DS_TRY(ds_add_inplace(be, T(in0->grad), T(n->scratch), in0->floats));
             break;
         case N_CONCAT: {
             float *dsrcs[CONCAT_MAX_INPUTS];
@@ -579,7 +567,7 @@ static ds_status backward(ds_trainer *tr, graph *g)
                 dsrcs[k] = T(g->tensors[n->in[k]].grad);
                 channels[k] = g->tensors[n->in[k]].c;
             }
-            DS_TRY(concat_backward(be, dsrcs, dout, (size_t)g->batch * in0->h * in0->w, n->n_in, channels));
+            DS_TRY(ds_concat_backward(be, dsrcs, dout, (size_t)g->batch * in0->h * in0->w, n->n_in, channels));
             break;
         }
         case N_DROP_ADD: {
@@ -588,13 +576,14 @@ static ds_status backward(ds_trainer *tr, graph *g)
             if (n->acc[0])
                 return ds_fail(DS_ERR_VALUE, "training graph: a dropout input with several consumers");
             if (n->relu)
-                DS_TRY(relu_backward(be, dout, dout, T(n->out), count, 0));
+                DS_TRY(ds_relu_backward(be, dout, dout, T(n->out), count, 0));
             /* d(b) = dout; d(a) = dout * mask */
             if (n->acc[1])
-                DS_TRY(add_inplace(be, T(b->grad), dout, count));
+                DS_TRY(ds_add_inplace(be, T(b->grad), dout, count));
             else
-                DS_TRY(backend_copy(be, T(b->grad), dout, count * sizeof(float)));
-            DS_TRY(spatial_dropout_backward(be, T(in0->grad), dout, T(n->mask), g->batch, (size_t)y->h * y->w, y->c));
+                DS_TRY(ds_backend_copy(be, T(b->grad), dout, count * sizeof(float)));
+            DS_TRY(ds_spatial_dropout_backward(be, T(in0->grad), dout, T(n->mask), g->batch, (size_t)y->h * y->w,
+                                               y->c));
             break;
         }
         }
@@ -606,16 +595,16 @@ static ds_status backward(ds_trainer *tr, graph *g)
 static ds_status copy_inputs(ds_trainer *tr, graph *g, const float *images, const float *targets)
 {
     size_t bytes = (size_t)g->batch * g->height * g->width * sizeof(float);
-    DS_TRY(backend_upload(tr->backend, T(g->input), images, bytes));
-    return targets ? backend_upload(tr->backend, T(g->target), targets, bytes)
-                   : backend_zero(tr->backend, T(g->target), bytes);
+    DS_TRY(ds_backend_upload(tr->backend, T(g->input), images, bytes));
+    return targets ? ds_backend_upload(tr->backend, T(g->target), targets, bytes)
+                   : ds_backend_zero(tr->backend, T(g->target), bytes);
 }
 
 /* Waits for the queued step and brings its loss to the host. */
 static ds_status read_loss(ds_trainer *tr, ds_loss_value *value)
 {
     double terms[DS_LOSS_TERMS];
-    DS_TRY(backend_download(tr->backend, terms, tr->loss_terms, sizeof terms));
+    DS_TRY(ds_backend_download(tr->backend, terms, tr->loss_terms, sizeof terms));
     *value = (ds_loss_value){terms[0], terms[1], terms[2]};
     return DS_OK;
 }
@@ -655,8 +644,8 @@ static ds_status training_pass(ds_trainer *tr, int batch, int height, int width,
     return backward(tr, g);
 }
 
-ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int width, const float *images,
-                                    const float *targets, ds_loss_value *loss)
+ds_status ds_trainer_compute_gradients(ds_trainer *tr, int batch, int height, int width, const float *images,
+                                       const float *targets, ds_loss_value *loss)
 {
     ds_loss_value value;
     DS_TRY(training_pass(tr, batch, height, width, images, targets, 0));
@@ -668,8 +657,8 @@ ds_status trainer_compute_gradients(ds_trainer *tr, int batch, int height, int w
     return DS_OK;
 }
 
-ds_status trainer_step(ds_trainer *tr, int batch, int height, int width, const float *images, const float *targets,
-                       ds_loss_value *loss)
+ds_status ds_trainer_step(ds_trainer *tr, int batch, int height, int width, const float *images, const float *targets,
+                          ds_loss_value *loss)
 {
     ds_loss_value value;
     DS_TRY(training_pass(tr, batch, height, width, images, targets, 1));
@@ -677,9 +666,9 @@ ds_status trainer_step(ds_trainer *tr, int batch, int height, int width, const f
     for (int k = 0; k < tr->n_trainable; k++) {
         const ds_param_entry *e = &tr->table[0]->entries[tr->trainable[k]];
         size_t offset = (size_t)(*e->slot - tr->mem[0]);
-        DS_TRY(adam_update(tr->backend, tr->mem[0] + offset, tr->mem[2] + offset, tr->mem[3] + offset,
-                           tr->mem[1] + offset, e->count, tr->cfg.learning_rate, tr->cfg.beta1, tr->cfg.beta2,
-                           tr->cfg.adam_epsilon, step, tr->loss_terms));
+        DS_TRY(ds_adam_update(tr->backend, tr->mem[0] + offset, tr->mem[2] + offset, tr->mem[3] + offset,
+                              tr->mem[1] + offset, e->count, tr->cfg.learning_rate, tr->cfg.beta1, tr->cfg.beta2,
+                              tr->cfg.adam_epsilon, step, tr->loss_terms));
     }
     DS_TRY(read_loss(tr, &value));
     if (!isfinite(value.loss))
@@ -690,8 +679,8 @@ ds_status trainer_step(ds_trainer *tr, int batch, int height, int width, const f
     return DS_OK;
 }
 
-ds_status trainer_evaluate(ds_trainer *tr, int batch, int height, int width, const float *images,
-                           const float *targets, float *pred, ds_loss_value *loss)
+ds_status ds_trainer_evaluate(ds_trainer *tr, int batch, int height, int width, const float *images,
+                              const float *targets, float *pred, ds_loss_value *loss)
 {
     if (!images)
         return ds_fail(DS_ERR_VALUE, "images are required");
@@ -705,13 +694,13 @@ ds_status trainer_evaluate(ds_trainer *tr, int batch, int height, int width, con
     DS_TRY(forward(tr, g));
     const node *loss_node = &g->nodes[g->n_nodes - 1];
     if (pred)
-        DS_TRY(backend_download(tr->backend, pred, tr->arena + g->tensors[loss_node->pred].offset,
-                                n * sizeof(float)));
+        DS_TRY(ds_backend_download(tr->backend, pred, tr->arena + g->tensors[loss_node->pred].offset,
+                                   n * sizeof(float)));
     ds_loss_value value = {0, 0, 0};
     if (targets)
         DS_TRY(read_loss(tr, &value));
     else
-        DS_TRY(backend_synchronize(tr->backend));
+        DS_TRY(ds_backend_synchronize(tr->backend));
     if (loss)
         *loss = value;
     return DS_OK;
@@ -719,31 +708,31 @@ ds_status trainer_evaluate(ds_trainer *tr, int batch, int height, int width, con
 
 /* ---------------------------------------------------------------- trainer */
 
-ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_train_config *config)
+ds_status ds_trainer_create(ds_trainer **out, const model_params *init, const ds_train_config *config)
 {
     ds_train_config cfg;
     if (config)
         cfg = *config;
     else
-        train_config_default(&cfg);
+        ds_train_config_default(&cfg);
     DS_TRY(check_config(&cfg));
     ds_trainer *tr = calloc(1, sizeof *tr);
     if (!tr)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
     tr->cfg = cfg;
-    tr->n_floats = model_param_floats();
-    ds_status rc = backend_create(&tr->backend, cfg.math_mode);
+    tr->n_floats = ds_model_param_floats();
+    ds_status rc = ds_backend_create(&tr->backend, cfg.math_mode);
     if (rc == DS_OK)
-        rc = backend_alloc(tr->backend, (void **)&tr->loss_terms, DS_LOSS_TERMS * sizeof(double));
+        rc = ds_backend_alloc(tr->backend, (void **)&tr->loss_terms, DS_LOSS_TERMS * sizeof(double));
     model_params *sets[4] = {&tr->params, &tr->grads, &tr->m, &tr->v};
     for (int k = 0; k < 4 && rc == DS_OK; k++) {
         tr->table[k] = malloc(sizeof(ds_param_table));
-        rc = tr->table[k] ? backend_alloc(tr->backend, (void **)&tr->mem[k], tr->n_floats * sizeof(float))
+        rc = tr->table[k] ? ds_backend_alloc(tr->backend, (void **)&tr->mem[k], tr->n_floats * sizeof(float))
                           : ds_fail(DS_ERR_NOMEM, "out of memory");
         if (rc != DS_OK)
             break;
-        model_params_bind(sets[k], tr->mem[k]);
-        model_param_table(sets[k], tr->table[k]);
+        ds_model_params_bind(sets[k], tr->mem[k]);
+        ds_model_param_table(sets[k], tr->table[k]);
     }
     if (rc == DS_OK) {
         model_params copy = *init;
@@ -751,7 +740,7 @@ ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_tr
         if (!src)
             rc = ds_fail(DS_ERR_NOMEM, "out of memory");
         else {
-            model_param_table(&copy, src);
+            ds_model_param_table(&copy, src);
             for (int i = 0; i < src->count && rc == DS_OK; i++) {
                 const ds_param_entry *e = &tr->table[0]->entries[i];
                 const float *from = *src->entries[i].slot;
@@ -761,7 +750,7 @@ ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_tr
                 }
                 rc = check_finite(from, e->count, e->name);
                 if (rc == DS_OK)
-                    rc = backend_upload(tr->backend, *e->slot, from, e->count * sizeof(float));
+                    rc = ds_backend_upload(tr->backend, *e->slot, from, e->count * sizeof(float));
                 if (!strstr(e->name, ".moving_"))
                     tr->trainable[tr->n_trainable++] = i;
             }
@@ -769,32 +758,32 @@ ds_status trainer_create(ds_trainer **out, const model_params *init, const ds_tr
         }
     }
     if (rc != DS_OK) {
-        trainer_free(tr);
+        ds_trainer_free(tr);
         return rc;
     }
     *out = tr;
     return DS_OK;
 }
 
-void trainer_free(ds_trainer *tr)
+void ds_trainer_free(ds_trainer *tr)
 {
     if (!tr)
         return;
     for (int i = 0; i < GRAPH_CACHE; i++)
         graph_free(tr->graphs[i]);
     for (int k = 0; k < 4; k++) {
-        backend_free(tr->backend, tr->mem[k]);
+        ds_backend_free(tr->backend, tr->mem[k]);
         free(tr->table[k]);
     }
-    backend_free(tr->backend, tr->arena);
-    backend_free(tr->backend, tr->loss_terms);
-    backend_destroy(tr->backend);
+    ds_backend_free(tr->backend, tr->arena);
+    ds_backend_free(tr->backend, tr->loss_terms);
+    ds_backend_destroy(tr->backend);
     free(tr);
 }
 
-const ds_train_config *trainer_get_config(const ds_trainer *tr) { return &tr->cfg; }
+const ds_train_config *ds_trainer_get_config(const ds_trainer *tr) { return &tr->cfg; }
 
-ds_status trainer_set_config(ds_trainer *tr, const ds_train_config *config)
+ds_status ds_trainer_set_config(ds_trainer *tr, const ds_train_config *config)
 {
     DS_TRY(check_config(config));
     if (config->math_mode != tr->cfg.math_mode)
@@ -805,18 +794,18 @@ ds_status trainer_set_config(ds_trainer *tr, const ds_train_config *config)
     return DS_OK;
 }
 
-long trainer_step_count(const ds_trainer *tr) { return tr->step; }
-void trainer_set_step_count(ds_trainer *tr, long step) { tr->step = step < 0 ? 0 : step; }
-int trainer_num_tensors(const ds_trainer *tr) { return tr->table[0]->count; }
+long ds_trainer_step_count(const ds_trainer *tr) { return tr->step; }
+void ds_trainer_set_step_count(ds_trainer *tr, long step) { tr->step = step < 0 ? 0 : step; }
+int ds_trainer_num_tensors(const ds_trainer *tr) { return tr->table[0]->count; }
 
-const ds_param_entry *trainer_tensor_entry(const ds_trainer *tr, int index)
+const ds_param_entry *ds_trainer_tensor_entry(const ds_trainer *tr, int index)
 {
     return index >= 0 && index < tr->table[0]->count ? &tr->table[0]->entries[index] : NULL;
 }
 
-size_t trainer_arena_bytes(const ds_trainer *tr) { return tr->arena_floats * sizeof(float); }
+size_t ds_trainer_arena_bytes(const ds_trainer *tr) { return tr->arena_floats * sizeof(float); }
 
-/* The backend memory of a tensor by name (see trainer_find_tensor). */
+/* The backend memory of a tensor by name (see ds_trainer_find_tensor). */
 static ds_status tensor_by_name(const ds_trainer *tr, const char *name, float **data, const ds_param_entry **entry)
 {
     static const char *prefixes[4] = {"", "grad.", "adam.m.", "adam.v."};
@@ -836,47 +825,47 @@ static ds_status tensor_by_name(const ds_trainer *tr, const char *name, float **
     return ds_fail(DS_ERR_VALUE, "the trainer has no tensor '%s'", name);
 }
 
-ds_status trainer_find_tensor(const ds_trainer *tr, const char *name, const ds_param_entry **entry)
+ds_status ds_trainer_find_tensor(const ds_trainer *tr, const char *name, const ds_param_entry **entry)
 {
     float *unused;
     return tensor_by_name(tr, name, &unused, entry);
 }
 
-ds_status trainer_read_tensor(ds_trainer *tr, const char *name, float *host)
+ds_status ds_trainer_read_tensor(ds_trainer *tr, const char *name, float *host)
 {
     float *data;
     const ds_param_entry *e;
     DS_TRY(tensor_by_name(tr, name, &data, &e));
-    return backend_download(tr->backend, host, data, e->count * sizeof(float));
+    return ds_backend_download(tr->backend, host, data, e->count * sizeof(float));
 }
 
-ds_status trainer_write_tensor(ds_trainer *tr, const char *name, const float *host)
+ds_status ds_trainer_write_tensor(ds_trainer *tr, const char *name, const float *host)
 {
     float *data;
     const ds_param_entry *e;
     DS_TRY(tensor_by_name(tr, name, &data, &e));
     DS_TRY(check_finite(host, e->count, name));
-    return backend_upload(tr->backend, data, host, e->count * sizeof(float));
+    return ds_backend_upload(tr->backend, data, host, e->count * sizeof(float));
 }
 
-ds_status trainer_to_model(ds_trainer *tr, ds_model **model)
+ds_status ds_trainer_to_model(ds_trainer *tr, ds_model **model)
 {
     float *host = malloc(tr->n_floats * sizeof(float));
     if (!host)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
     model_params params;
-    model_params_bind(&params, host);
-    ds_status rc = backend_download(tr->backend, host, tr->mem[0], tr->n_floats * sizeof(float));
+    ds_model_params_bind(&params, host);
+    ds_status rc = ds_backend_download(tr->backend, host, tr->mem[0], tr->n_floats * sizeof(float));
     if (rc == DS_OK)
-        rc = model_from_parameters(model, &params, tr->cfg.math_mode);
+        rc = ds_model_from_parameters(model, &params, tr->cfg.math_mode);
     free(host);
     return rc;
 }
 
-ds_status trainer_load(ds_trainer *tr, const char *path)
+ds_status ds_trainer_load(ds_trainer *tr, const char *path)
 {
     st_file file;
-    DS_TRY(st_read(&file, path));
+    DS_TRY(ds_st_read(&file, path));
     ds_status rc = DS_OK;
     /* validate everything first, then copy: nothing changes on error */
     for (int pass = 0; pass < 2 && rc == DS_OK; pass++) {
@@ -905,22 +894,22 @@ ds_status trainer_load(ds_trainer *tr, const char *path)
                     }
                 }
             } else {
-                rc = backend_upload(tr->backend, data, t->data, t->count * sizeof(float));
+                rc = ds_backend_upload(tr->backend, data, t->data, t->count * sizeof(float));
             }
         }
         if (pass == 0 && rc == DS_OK)
             for (int i = 0; i < tr->table[0]->count; i++)
-                if (!st_find(&file, tr->table[0]->entries[i].name)) {
+                if (!ds_st_find(&file, tr->table[0]->entries[i].name)) {
                     rc = ds_fail(DS_ERR_FORMAT, "'%s' lacks parameter '%s'", path, tr->table[0]->entries[i].name);
                     break;
                 }
         if (pass == 0 && rc == DS_OK) {
             /* moments absent from the file start at zero */
-            rc = backend_zero(tr->backend, tr->mem[2], tr->n_floats * sizeof(float));
+            rc = ds_backend_zero(tr->backend, tr->mem[2], tr->n_floats * sizeof(float));
             if (rc == DS_OK)
-                rc = backend_zero(tr->backend, tr->mem[3], tr->n_floats * sizeof(float));
+                rc = ds_backend_zero(tr->backend, tr->mem[3], tr->n_floats * sizeof(float));
         }
     }
-    st_free(&file);
+    ds_st_free(&file);
     return rc;
 }

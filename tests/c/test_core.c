@@ -28,12 +28,12 @@ static void expect_parse(const char *header, size_t data_len, ds_status expected
     size_t nbytes;
     uint8_t *bytes = make_file(header, data_len, &nbytes);
     st_file file;
-    ds_status rc = st_parse(&file, bytes, nbytes);
+    ds_status rc = ds_st_parse(&file, bytes, nbytes);
     CHECK(rc == expected, "header %s: status %d, expected %d (%s)", header, rc, expected, ds_last_error());
     if (fragment)
         CHECK(strstr(ds_last_error(), fragment) != NULL, "header %s: message '%s' lacks '%s'", header,
               ds_last_error(), fragment);
-    st_free(&file);
+    ds_st_free(&file);
 }
 
 static void test_safetensors_parser(void)
@@ -58,23 +58,23 @@ static void test_safetensors_parser(void)
     uint8_t *bytes = make_file("{}", 0, &nbytes);
     bytes[0] = 0xff; /* header length far beyond the file */
     st_file file;
-    CHECK(st_parse(&file, bytes, nbytes) == DS_ERR_FORMAT, "oversized header length accepted");
-    st_free(&file);
+    CHECK(ds_st_parse(&file, bytes, nbytes) == DS_ERR_FORMAT, "oversized header length accepted");
+    ds_st_free(&file);
     uint8_t *tiny = malloc(3);
-    CHECK(st_parse(&file, tiny, 3) == DS_ERR_FORMAT, "3-byte file accepted");
-    st_free(&file);
-    CHECK(st_read(&file, "/nonexistent/weights.safetensors") == DS_ERR_IO, "missing file not reported");
+    CHECK(ds_st_parse(&file, tiny, 3) == DS_ERR_FORMAT, "3-byte file accepted");
+    ds_st_free(&file);
+    CHECK(ds_st_read(&file, "/nonexistent/weights.safetensors") == DS_ERR_IO, "missing file not reported");
 }
 
 static void test_model(const char *weights)
 {
     ds_model *model = NULL;
-    CHECK(model_load(&model, "/nonexistent.safetensors", DS_MATH_FLOAT32) == DS_ERR_IO, "missing weights accepted");
-    CHECK(model_load(&model, weights, DS_MATH_TF32) == DS_ERR_VALUE && !model, "TF32 accepted by the CPU backend");
-    CHECK(model_load(&model, weights, DS_MATH_FLOAT32) == DS_OK, "cannot load %s: %s", weights, ds_last_error());
+    CHECK(ds_model_load(&model, "/nonexistent.safetensors", DS_MATH_FLOAT32) == DS_ERR_IO, "missing weights accepted");
+    CHECK(ds_model_load(&model, weights, DS_MATH_TF32) == DS_ERR_VALUE && !model, "TF32 accepted by the CPU backend");
+    CHECK(ds_model_load(&model, weights, DS_MATH_FLOAT32) == DS_OK, "cannot load %s: %s", weights, ds_last_error());
     if (!model)
         return;
-    CHECK(model_num_parameters(model) == 4037249, "parameter count %zu", model_num_parameters(model));
+    CHECK(ds_model_num_parameters(model) == 4037249, "parameter count %zu", ds_model_num_parameters(model));
 
     enum { B = 2, H = 48, W = 40 };
     float *input = malloc(sizeof(float) * B * H * W), *out = malloc(sizeof(float) * B * H * W);
@@ -82,14 +82,14 @@ static void test_model(const char *weights)
     srand(12345);
     for (int i = 0; i < B * H * W; i++)
         input[i] = (float)rand() / (float)RAND_MAX;
-    CHECK(model_forward(model, B, H, W, input, out) == DS_OK, "forward: %s", ds_last_error());
+    CHECK(ds_model_forward(model, B, H, W, input, out) == DS_OK, "forward: %s", ds_last_error());
     int in_range = 1;
     for (int i = 0; i < B * H * W; i++)
         in_range &= isfinite(out[i]) && out[i] > 0.0f && out[i] < 1.0f;
     CHECK(in_range, "forward output not finite in (0, 1)");
-    CHECK(model_forward(model, B, H, W, input, again) == DS_OK && memcmp(out, again, sizeof(float) * B * H * W) == 0,
+    CHECK(ds_model_forward(model, B, H, W, input, again) == DS_OK && memcmp(out, again, sizeof(float) * B * H * W) == 0,
           "forward is not deterministic");
-    CHECK(model_forward(model, 1, H, W, input + H * W, single) == DS_OK, "forward batch 1: %s", ds_last_error());
+    CHECK(ds_model_forward(model, 1, H, W, input + H * W, single) == DS_OK, "forward batch 1: %s", ds_last_error());
     float worst = 0.0f;
     for (int i = 0; i < H * W; i++)
         worst = fmaxf(worst, fabsf(single[i] - out[H * W + i]));
@@ -97,22 +97,22 @@ static void test_model(const char *weights)
 
     /* three stage calls give the same map as the one-shot plan */
     float *features = malloc(sizeof(float) * (H / 8) * (W / 8) * 384), *trunk = malloc(sizeof(float) * (H / 8) * (W / 8) * 128);
-    CHECK(model_forward_stages(model, STAGE_ENCODER, STAGE_ENCODER, 1, H, W, input, features) == DS_OK &&
-          model_forward_stages(model, STAGE_TRUNK, STAGE_TRUNK, 1, H / 8, W / 8, features, trunk) == DS_OK &&
-          model_forward_stages(model, STAGE_DECODER, STAGE_DECODER, 1, H / 8, W / 8, trunk, single) == DS_OK,
+    CHECK(ds_model_forward_stages(model, STAGE_ENCODER, STAGE_ENCODER, 1, H, W, input, features) == DS_OK &&
+          ds_model_forward_stages(model, STAGE_TRUNK, STAGE_TRUNK, 1, H / 8, W / 8, features, trunk) == DS_OK &&
+          ds_model_forward_stages(model, STAGE_DECODER, STAGE_DECODER, 1, H / 8, W / 8, trunk, single) == DS_OK,
           "staged forward: %s", ds_last_error());
     CHECK(memcmp(single, out, sizeof(float) * H * W) == 0, "staged forward differs from the one-shot plan");
 
-    CHECK(model_forward(model, 1, 12, 16, input, out) == DS_ERR_VALUE, "height 12 accepted");
-    CHECK(model_forward(model, 0, 16, 16, input, out) == DS_ERR_VALUE, "batch 0 accepted");
-    CHECK(model_forward_stages(model, 2, 1, 1, 16, 16, input, out) == DS_ERR_VALUE, "stages 2..1 accepted");
+    CHECK(ds_model_forward(model, 1, 12, 16, input, out) == DS_ERR_VALUE, "height 12 accepted");
+    CHECK(ds_model_forward(model, 0, 16, 16, input, out) == DS_ERR_VALUE, "batch 0 accepted");
+    CHECK(ds_model_forward_stages(model, 2, 1, 1, 16, 16, input, out) == DS_ERR_VALUE, "stages 2..1 accepted");
     free(input);
     free(out);
     free(again);
     free(single);
     free(features);
     free(trunk);
-    model_free(model);
+    ds_model_free(model);
 }
 
 int main(int argc, char **argv)
