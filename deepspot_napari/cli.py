@@ -260,6 +260,7 @@ def _process_batch(args, outputs, enhance: bool, detect: bool) -> int:
     """Runs the enhance/run/detect batch here (one model, the C core on every core) or, with
     --scheduler, on a Dask cluster (files and blocks of large images as tasks)."""
     from .large import process_file
+    from .model import weights_path
     if args.block_size is not None:
         from .large import check_block_size
         check_block_size(args.block_size)
@@ -272,7 +273,7 @@ def _process_batch(args, outputs, enhance: bool, detect: bool) -> int:
         return _run_batch(args, outputs, work)
 
     weights = getattr(args, "weights", None)
-    if weights is not None and not Path(weights).is_file():
+    if weights is not None and not weights_path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
     from .distributed import connect, run_jobs
 
@@ -602,7 +603,6 @@ def _target_background(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from .devices import DEVICES, PRECISIONS
-    from .detect import DEFAULT_DETECTION
     from .model import BUNDLED_MODELS, DEFAULT_MODEL, DEFAULT_TILE_SIZE
     from .train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE, DEFAULT_PATIENCE
     parser = argparse.ArgumentParser(
@@ -652,22 +652,19 @@ def build_parser() -> argparse.ArgumentParser:
                                help="enhanced images as TIFF or OME-Zarr (default auto: Zarr for Zarr inputs and "
                                     "large images, TIFF otherwise)")
 
-    def detection(p, model_decides=True):
-        """The detector's flags; their defaults are the model's own (Model.detection) where a model enhances,
-        else DEFAULT_DETECTION."""
-        def default(name):
-            return MODEL_DETECTION_DEFAULT if model_decides else f"default: {getattr(DEFAULT_DETECTION, name)}"
+    def detection(p):
+        """The detector's flags; their defaults are the model's own (Model.detection)."""
 
         group = p.add_argument_group("detection (one fixed setting, chosen on validation data)")
         group.add_argument("--method", choices=("peak", "wavelet"),
                            help=f"peak: local maxima of the enhanced image; wavelet: the wavelet detector "
-                                f"({default('method')})")
+                                f"({MODEL_DETECTION_DEFAULT})")
         group.add_argument("--threshold", type=float,
-                           help=f"peak detector: minimum enhanced value, 0..1 ({default('threshold')})")
+                           help=f"peak detector: minimum enhanced value, 0..1 ({MODEL_DETECTION_DEFAULT})")
         group.add_argument("--min-distance", type=float,
-                           help=f"peak detector: minimum distance between spots in px ({default('min_distance')})")
+                           help=f"peak detector: minimum distance between spots in px ({MODEL_DETECTION_DEFAULT})")
         group.add_argument("--subpixel", choices=("none", "centroid", "gaussian"),
-                           help=f"subpixel refinement of the positions ({default('subpixel')})")
+                           help=f"subpixel refinement of the positions ({MODEL_DETECTION_DEFAULT})")
 
     def overlay(p):
         p.add_argument("--overlay", action="store_true",
@@ -700,8 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("detect", help="detect spots in images that are already enhanced (writes <name>.spots.csv)")
     common(p, model=False)
+    p.add_argument("--weights", help="the model that enhanced the images, whose detection defaults are used: a "
+                                     f".safetensors file or a bundled model's name (default: {DEFAULT_MODEL})")
     batch(p, enhanced_output=False)
-    detection(p, model_decides=False)
+    detection(p)
     overlay(p)
     p.set_defaults(func=cmd_detect)
 

@@ -564,8 +564,8 @@ def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
 def _process_blocked(job: FileJob, model, block_size: int, progress, cancel, mapper) -> str:
     from .io import atomic_zarr, create_zarr, open_image, write_spots_table, write_tiff
     detection = None
-    if job.detect:  # enhanced here: the model's own detection defaults (on workers: its weights file's)
-        base = (model.detection if model is not None else detection_defaults(job.weights)) if job.enhance else None
+    if job.detect:  # the enhancing model's own detection defaults (on workers, or for detect only: its weights file's)
+        base = model.detection if model is not None else detection_defaults(job.weights)
         detection = resolve_detection(base, **job.detection)
     remote = mapper is not None
     with open_image(job.path) as source:
