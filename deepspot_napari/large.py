@@ -542,8 +542,8 @@ def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
     if job.detect:
         if job.enhance:
             spots = model.detect(image, enhanced=enhanced, **job.detection)
-        else:
-            spots = detect_spots(image, **job.detection)
+        else:  # an image enhanced earlier: the enhancing model's detection defaults, from its weights file
+            spots = detect_spots(image, params=resolve_detection(detection_defaults(job.weights), **job.detection))
         detail = f"{len(spots)} spots -> {Path(job.targets['spots']).name}"
     if "enhanced" in job.targets:
         target = job.targets["enhanced"]

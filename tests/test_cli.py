@@ -243,7 +243,6 @@ def test_every_subcommand_help_ends_with_examples_and_every_flag_is_explained(co
 
 
 def test_help_shows_the_defaults(capsys):
-    from deepspot_napari.detect import DEFAULT_DETECTION
     from deepspot_napari.train import DEFAULT_EPOCHS, DEFAULT_PATCH_SIZE
     train = help_text(capsys, "train")
     for flag, default in (("--epochs", DEFAULT_EPOCHS), ("--batch-size", 8), ("--learning-rate", "1e-4"),
@@ -253,9 +252,9 @@ def test_help_shows_the_defaults(capsys):
     run = help_text(capsys, "run")
     assert all(model_default in run.split(flag)[2] for flag in ("--method", "--threshold", "--min-distance", "--subpixel"))
     assert "--tile-size TILE_SIZE window side" in run and "(default: 768)" in run.split("--tile-size")[2]
-    detect = help_text(capsys, "detect")
-    assert f"(default: {DEFAULT_DETECTION.threshold})" in detect.split("--threshold")[2]
-    assert f"(default: {DEFAULT_DETECTION.method})" in detect.split("--method")[2]
+    detect = help_text(capsys, "detect")  # the enhancing model's own (--weights)
+    assert all(model_default in detect.split(flag)[2] for flag in ("--method", "--threshold", "--subpixel"))
+    assert "the model that enhanced the images" in detect.split("--weights")[2]
 
 
 def test_evaluate_finetune_reports_before_and_after_on_the_other_half(tmp_path, capsys):

@@ -116,7 +116,8 @@ def test_cli_end_to_end(sim_folder, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "DeepSpot (ours, bundled weights) + fixed detector" in stdout and "mine (3 img)" in stdout
     text = (out / "evaluation.md").read_text()
-    assert "same detector on the raw image" in text and "threshold=0.75" in text
+    from deepspot_napari.model import detection_defaults
+    assert "same detector on the raw image" in text and f"threshold={detection_defaults(None).threshold}" in text
     assert len(read_csv(out / "evaluation_per_image.csv")) == 2 * 5
     assert main(args) == 2  # never overwrites silently
     assert "--overwrite" in capsys.readouterr().err

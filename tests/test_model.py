@@ -23,7 +23,7 @@ def model():
 @pytest.fixture(scope="module")
 def params():
     from safetensors.numpy import load_file  # test-only cross-check of our writer/reader pair
-    return load_file(str(bundled_weights_path()))
+    return load_file(str(bundled_weights_path("hybrid")))
 
 
 def test_bundled_model_has_the_published_size(model):
@@ -201,8 +201,9 @@ def _weights_with_metadata(path, **metadata):
 
 def test_bundled_models_load_by_name_and_the_missing_one_says_where_it_looked():
     from deepspot_napari.model import BUNDLED_MODELS, bundled_models
-    assert Model.load("hybrid").path == bundled_weights_path("hybrid") == bundled_weights_path()
-    assert "hybrid" in bundled_models() and set(bundled_models()) <= set(BUNDLED_MODELS)
+    assert Model.load("hybrid").path == bundled_weights_path("hybrid")
+    assert Model.load().path == bundled_weights_path("general") == bundled_weights_path()  # the default
+    assert {"general", "hybrid"} <= set(bundled_models()) and set(bundled_models()) <= set(BUNDLED_MODELS)
     for name in set(BUNDLED_MODELS) - set(bundled_models()):
         with pytest.raises(FileNotFoundError, match="not found next to the package"):
             Model.load(name)
@@ -246,7 +247,7 @@ def test_detect_takes_any_stack_one_z_stack_per_leading_index(model, rng):
 def test_cached_models_are_shared_and_never_fine_tuned_in_place(tmp_path):
     """One model per weights file, device and precision, for the widgets, batches and Dask workers."""
     first = Model.cached(device="cpu")
-    assert Model.cached("hybrid", device="cpu") is first and first.shared and not Model.load(device="cpu").shared
+    assert Model.cached("general", device="cpu") is first and first.shared and not Model.load(device="cpu").shared
     with pytest.raises(ValueError, match="shared"):
         first.fit([np.ones((64, 64))], [np.zeros((0, 2))])
     copy = tmp_path / "copy.safetensors"

@@ -27,7 +27,7 @@ if _why_not:
 from napari.utils.notifications import notification_manager  # noqa: E402
 from qtpy.QtCore import QTimer  # noqa: E402
 
-from deepspot_napari import DEFAULT_DETECTION, Model  # noqa: E402
+from deepspot_napari import Model  # noqa: E402
 from deepspot_napari._widgets import (DetectWidget, EnhanceWidget, TrainWidget, current_model,  # noqa: E402
                                       training_pairs)
 from deepspot_napari.simulate import simulate_image  # noqa: E402
@@ -183,7 +183,7 @@ def test_detect_from_image_and_from_enhanced_layer(viewer, qtbot, rng, model, me
     widget = DetectWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert widget.enhance_first.value  # a raw image: enhance first
-    assert widget.params() == DEFAULT_DETECTION  # the fixed defaults are what the widget shows
+    assert widget.params() == model.detection  # the model's own fixed defaults are what the widget shows
     widget.run_button.clicked.emit()
     assert wait_task(qtbot, widget).outcome == "done"
     spots = viewer.layers["field spots"]
@@ -209,7 +209,7 @@ def test_detect_from_image_and_from_enhanced_layer(viewer, qtbot, rng, model, me
     np.testing.assert_allclose(spots.features["intensity"], strict.intensity)
     assert spots.metadata["deepspot"]["params"]["threshold"] == pytest.approx(0.95)
     widget.reset_defaults()
-    assert widget.params() == DEFAULT_DETECTION
+    assert widget.params() == model.detection
     widget.table_button.clicked.emit()  # napari's features table of the spots layer
     assert viewer.layers.selection.active is spots
     assert any("Features table" in name for name in viewer.window.dock_widgets)
@@ -321,24 +321,24 @@ def test_one_current_model_shared_by_the_widgets(viewer, tmp_path):
     assert detect.model_panel.device.value == "cpu" and enhance.model_panel.info.value.endswith("on cpu")
     detect.model_panel.bundled_button.clicked.emit()
     assert holder.path is None and enhance.model_panel.info.value.startswith("bundled")
-    assert detect.model_panel.bundled.value == "hybrid" and "hybrid" in detect.model_panel.bundled.choices
+    assert detect.model_panel.bundled.value == "general" and "hybrid" in detect.model_panel.bundled.choices
 
 
 def test_detect_widget_shows_the_models_own_detection_defaults(viewer, tmp_path):
-    from deepspot_napari.detect import DEFAULT_DETECTION
     from deepspot_napari.train import _save_weights
+    default = Model.load().detection  # the default bundled model's
     own = tmp_path / "own.safetensors"
     _save_weights(Model.load("hybrid").make_trainer(), own, False, {"detection": '{"threshold": 0.6}'})
     detect = DetectWidget(viewer)
-    assert detect.threshold.value == DEFAULT_DETECTION.threshold
+    assert detect.threshold.value == default.threshold
     detect.model_panel.weights.value = str(own)
     detect.model_panel.load_button.clicked.emit()
     assert detect.threshold.value == 0.6 and detect.params().threshold == 0.6
     detect.threshold.value = 0.7  # an edit stays while the model keeps the same defaults
     current_model(viewer).load(own, device="cpu")
     assert detect.threshold.value == 0.7
-    detect.model_panel.bundled_button.clicked.emit()  # the published weights: their own defaults again
-    assert detect.threshold.value == DEFAULT_DETECTION.threshold
+    detect.model_panel.bundled_button.clicked.emit()  # the default bundled model: its own defaults again
+    assert detect.threshold.value == default.threshold
 
 
 def test_device_choices_are_the_working_devices(viewer, messages):
@@ -383,11 +383,11 @@ def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatc
     version = holder.version
     detect.model_panel.device.value = "cuda"
     train.model_panel.precision.value = "tf32"
-    bundled = bundled_weights_path("hybrid").resolve()  # the default bundled model
+    bundled = bundled_weights_path().resolve()  # the default bundled model
     assert loads == [(bundled, "cuda", "float32"), (bundled, "cuda", "tf32")]
     assert (holder.device, holder.precision) == ("cuda", "tf32") and holder.version == version + 2
     assert enhance.model_panel.device.value == "cuda" and enhance.model_panel.precision.value == "tf32"
-    assert holder.copy() is model and loads[-1] == ("hybrid", "cuda", "tf32")  # what Train fine-tunes
+    assert holder.copy() is model and loads[-1] == ("general", "cuda", "tf32")  # what Train fine-tunes
 
 
 def test_loss_plot_draws_a_history(viewer):

@@ -20,14 +20,14 @@ LR = 1e-4
 
 
 @pytest.fixture(scope="module")
-def network():
-    return _core.Network(str(bundled_weights_path()))
+def network():  # the published weights: the Keras golden step and gradients are theirs
+    return _core.Network(str(bundled_weights_path("hybrid")))
 
 
 @pytest.fixture(scope="module")
 def params():
     from safetensors.numpy import load_file  # test-only
-    return load_file(str(bundled_weights_path()))
+    return load_file(str(bundled_weights_path("hybrid")))
 
 
 def scale(a):
@@ -474,7 +474,7 @@ def test_fit_keeps_the_best_weights_and_stops_early(tmp_path):
 def test_a_diverging_run_says_so_instead_of_saving_infinities(tmp_path):
     images, points = small_dataset()
     with pytest.raises(ValueError, match="diverged in epoch 1.*learning rate 0.05 is too high"):
-        fit(Model.load(), images, points, checkpoint_dir=tmp_path, **{**FIT, "learning_rate": 0.05})
+        fit(Model.load("hybrid"), images, points, checkpoint_dir=tmp_path, **{**FIT, "learning_rate": 0.05})
 
 
 def test_model_fit_updates_the_model_in_place(tmp_path):
@@ -523,7 +523,7 @@ def test_fit_records_the_target_and_validates_on_given_images(tmp_path):
                   checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
     assert np.isfinite(history.val_loss[0])
     model = Model.load(tmp_path / BEST_WEIGHTS)
-    assert model.target_background == 0.5 and Model.load().target_background is None
+    assert model.target_background == 0.5 and Model.load("hybrid").target_background is None
     # fine-tuning a model keeps its target ("model", the default) and its detection defaults
     from deepspot_napari.train import _save_weights
     _save_weights(model.make_trainer(), tmp_path / "base.safetensors", False,
