@@ -115,3 +115,28 @@ def test_nan_weights_are_rejected(tmp_path, tensors):
     write_raw(path, header, data)
     with pytest.raises(ValueError, match="NaN or Inf"):
         Model.load(path)
+
+
+def test_the_model_card_holds_what_the_committed_reports_give():
+    """weights/README.md's figures are made by tools/model_card.py from docs/accuracy/general/ (written by
+    tools/report_general_model.sh): a report regenerated without rewriting the card fails here."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("model_card", root / "tools" / "model_card.py")
+    model_card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_card)
+    readme = (root / "weights" / "README.md").read_text()
+    block = readme.split(model_card.BEGIN, 1)[1].split(model_card.END, 1)[0]
+    assert block.strip() == model_card.card().strip()
+
+
+def test_the_general_model_is_the_default_and_the_published_one_loads_by_name():
+    from deepspot_napari.model import BUNDLED_MODELS, DEFAULT_MODEL, bundled_models
+    assert DEFAULT_MODEL == "general" and bundled_models() == ["general", "hybrid"] == list(BUNDLED_MODELS)
+    general, hybrid = Model.load(), Model.load("hybrid")
+    assert general.path.name == "deepspot_general.safetensors" and hybrid.path.name == "deepspot_hybrid.safetensors"
+    assert general.target_background == 0.5 and hybrid.target_background is None
+    assert general.detection.threshold == 0.85 and general.detection.subpixel == "gaussian"
+    image = np.random.default_rng(3).random((64, 64)).astype(np.float32)
+    assert not np.array_equal(general.enhance(image), hybrid.enhance(image))
