@@ -1,4 +1,4 @@
-/* detect.h - spot detection on one 2D plane (REFERENCE_MODEL.md section 4.1): the Icy-style
+/* detect.h - spot detection on one 2D plane (docs/reference_model.md section 4.1): the Icy-style
  * undecimated B3-spline wavelet detector the paper used downstream of the network, a peak
  * detector for enhanced images, subpixel refinement, and the merging of the per-plane spots of
  * a z-stack into molecules.

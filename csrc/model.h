@@ -1,4 +1,4 @@
-/* model.h - the DeepSpot network (REFERENCE_MODEL.md section 1): its parameters, loaded from a
+/* model.h - the DeepSpot network (docs/reference_model.md section 1): its parameters, loaded from a
  * safetensors file into one host arena, and its inference forward pass on the ops.h backend
  * (whichever this file is compiled with). Inputs and outputs are host memory. */
 #ifndef DS_MODEL_H

@@ -1,4 +1,4 @@
-/* network.h - the DeepSpot network written down once (REFERENCE_MODEL.md section 1), llm.c / ggml
+/* network.h - the DeepSpot network written down once (docs/reference_model.md section 1), llm.c / ggml
  * style: a table of layers in forward order, each naming its input and output tensors, its
  * parameters (by name and by place in model_params) and its settings. Everything that needs the
  * architecture is made from this table: the parameter names and shapes of the weights file

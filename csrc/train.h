@@ -1,4 +1,4 @@
-/* train.h - training the DeepSpot network in C (REFERENCE_MODEL.md section 2): forward in training
+/* train.h - training the DeepSpot network in C (docs/reference_model.md section 2): forward in training
  * mode (batch statistics or, frozen, the moving ones; spatial dropout), the loss, the backward pass through the whole network
  * and the Keras Adam update, with the BN moving statistics updated as Keras does.
  *
