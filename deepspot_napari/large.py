@@ -528,22 +528,31 @@ def process_file(job: FileJob, model=None, progress: Callable[[int, int], None] 
     return _process_blocked(job, model, block_size, progress, cancel, mapper)
 
 
+def _job_detection(job: FileJob, model) -> DetectionParams | None:
+    """What job detects with: the enhancing model's own detection defaults (where no model is at
+    hand, on workers or for images enhanced earlier: its weights file's) with the job's overrides."""
+    if not job.detect:
+        return None
+    return resolve_detection(model.detection if model is not None else detection_defaults(job.weights), **job.detection)
+
+
 def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
     from .images import UnlikelyInputWarning, as_image_stack, unlikely_input
     from .io import read_image, write_spots_table, write_tiff, write_zarr
     image = read_image(job.path)
     enhanced = None
+    detection = _job_detection(job, model)
     if job.enhance:
         for reason in unlikely_input(as_image_stack(image)):  # the spots are still found and written
             warnings.warn(reason, UnlikelyInputWarning, stacklevel=2)
         enhanced = model.enhance(image, tile_size=job.tile_size, batch_size=job.batch_size, progress=progress,
                                  cancel=cancel)
     detail = None
-    if job.detect:
+    if detection is not None:
         if job.enhance:
-            spots = model.detect(image, enhanced=enhanced, **job.detection)
-        else:  # an image enhanced earlier: the enhancing model's detection defaults, from its weights file
-            spots = detect_spots(image, params=resolve_detection(detection_defaults(job.weights), **job.detection))
+            spots = model.detect(image, enhanced=enhanced, params=detection)
+        else:  # an image enhanced earlier
+            spots = detect_spots(image, params=detection)
         detail = f"{len(spots)} spots -> {Path(job.targets['spots']).name}"
     if "enhanced" in job.targets:
         target = job.targets["enhanced"]
@@ -563,10 +572,7 @@ def _process_in_memory(job: FileJob, model, progress, cancel) -> str:
 
 def _process_blocked(job: FileJob, model, block_size: int, progress, cancel, mapper) -> str:
     from .io import atomic_zarr, create_zarr, open_image, write_spots_table, write_tiff
-    detection = None
-    if job.detect:  # the enhancing model's own detection defaults (on workers, or for detect only: its weights file's)
-        base = model.detection if model is not None else detection_defaults(job.weights)
-        detection = resolve_detection(base, **job.detection)
+    detection = _job_detection(job, model)
     remote = mapper is not None
     with open_image(job.path) as source:
         n_blocks = len(block_grid(*source.shape[-2:], block_size))
