@@ -1,8 +1,9 @@
 /* py_glue.h - what the CPython glue files share: the module's name per backend, NumPy's C API (imported
  * once, in pymodule.c), turning ds_status codes into exceptions and NumPy argument conversion.
  * The glue is split by purpose: pymodule.c (the module, Network, Trainer), py_detect.c (the spot
- * detectors) and py_single_ops.c (each op of ops.h on its own, a test harness). Every file is compiled
- * once per backend: DS_MODULE _core with DS_BACKEND_NAME "cpu" (oneDNN), _core_cuda with "cuda" (cuDNN). */
+ * detectors), py_polarity.c (the polarity histograms) and py_single_ops.c (each op of ops.h on its
+ * own, a test harness). Every file is compiled once per backend: DS_MODULE _core with DS_BACKEND_NAME
+ * "cpu" (oneDNN), _core_cuda with "cuda" (cuDNN). */
 #ifndef DS_PY_GLUE_H
 #define DS_PY_GLUE_H
 
@@ -47,9 +48,10 @@ int ds_py_batch_arguments(PyObject *images_obj, PyObject *targets_obj, PyArrayOb
 extern const char *const ds_py_bce_names[2];
 extern const char *const ds_py_max_names[3];
 
-/* The functions of py_detect.c and py_single_ops.c, added to the module by pymodule.c. */
+/* The functions of py_detect.c, py_polarity.c and py_single_ops.c, added to the module by pymodule.c. */
 extern PyMethodDef ds_py_detect_methods[];
 extern PyMethodDef ds_py_single_op_methods[];
+extern PyMethodDef ds_py_polarity_methods[];
 /* Makes the single ops' lock; 0, or -1 with an exception set. */
 int ds_py_single_ops_init(void);
 

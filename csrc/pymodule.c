@@ -702,7 +702,8 @@ PyMODINIT_FUNC DS_PASTE(PyInit_, DS_MODULE)(void)
     if (!module)
         return NULL;
     if (PyModule_AddFunctions(module, ds_py_single_op_methods) < 0 ||
-        PyModule_AddFunctions(module, ds_py_detect_methods) < 0 || add_type(module, "Network", &NetworkType) < 0 ||
+        PyModule_AddFunctions(module, ds_py_detect_methods) < 0 ||
+        PyModule_AddFunctions(module, ds_py_polarity_methods) < 0 || add_type(module, "Network", &NetworkType) < 0 ||
         add_type(module, "Trainer", &TrainerType) < 0 ||
         PyModule_AddStringConstant(module, "BACKEND", DS_BACKEND_NAME) < 0) {
         Py_DECREF(module);

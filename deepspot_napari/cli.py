@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   deepspot simulate sim/ -n 20 --recipe ds_var --spots 10 100
   deepspot train sim/ -o run1/ --epochs 10              fine-tune on images + CSVs; resumable with --resume
   deepspot evaluate sim/ --simulated -o report/   accuracy vs ground truth and baselines (Markdown, CSV, PNG)
+  deepspot polarity wound=a.spots.csv,cells.tif,nuclei.tif -o pol/ --towards 0 512   RNA polarity toward a wound
   deepspot --version                             the version, the default weights, the devices that work here
 """
 
@@ -47,6 +48,10 @@ COMMAND_EXAMPLES = {
     "evaluate": ["deepspot evaluate --simulated -o report/          the paper's test sets",
                  "deepspot evaluate mine=annotated/ -o report/ --no-bigfish   your annotated images",
                  "deepspot evaluate --finetune \"mine=img.tif,spots.csv\" -o ft/   fine-tune on one half, score the other"],
+    "polarity": ["deepspot polarity a.spots.csv,a_cells.tif,a_nuclei.tif -o pol/ --angle 90   wound above every cell",
+                 "deepspot polarity migrating=a.tif,a_cells.tif,a_nuclei.tif,a_wound.csv "
+                 "control=b.tif,b_cells.tif,b_nuclei.tif,b_wound.csv -o pol/   two groups; spots detected first",
+                 "deepspot polarity a.spots.csv,a_cells.tif,a_nuclei.tif -o pol/ --towards 0 400 --rotate"],
     "train": ["deepspot train sim/ -o run1/                      fine-tune on images + CSVs",
               "deepspot train sim/ -o run1/ --resume             continue an interrupted run (the same command)",
               "deepspot train mine=annotated/ -o run2/ --epochs 30 --learning-rate 5e-5"],
@@ -592,6 +597,91 @@ def cmd_train(args) -> int:
     return 0
 
 
+POLARITY_FILES = ("cells.csv", "summary.csv", "polarity.png")
+
+
+@dataclass
+class PolarityField:
+    group: str
+    spots: Path
+    cells: Path
+    nuclei: Path
+    wound: Path | None
+
+
+def _polarity_field(text: str) -> PolarityField:
+    """[GROUP=]SPOTS,CELLS,NUCLEI[,WOUND]"""
+    group, _, rest = text.rpartition("=") if "=" in text.split(",")[0] else ("", "", text)
+    parts = rest.split(",")
+    if len(parts) not in (3, 4) or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected [GROUP=]SPOTS,CELLS,NUCLEI[,WOUND], got {text!r}")
+    return PolarityField(group or "all", *map(Path, parts[:3]), Path(parts[3]) if len(parts) == 4 else None)
+
+
+def cmd_polarity(args) -> int:
+    from .io import IMAGE_SUFFIXES, atomic_write, read_image
+    from .polarity import group_polarity, measure_cells, polarity_figure, write_cells_csv, write_summary_csv
+    from .simulate import read_spots_csv
+    out = Path(args.output)
+    existing = [name for name in POLARITY_FILES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{out} already holds {', '.join(existing)}; use --overwrite to replace them")
+    direction = dict(angle=args.angle, towards=args.towards, wound=None)
+    if sum(v is not None for v in direction.values()) == 0 and any(f.wound is None for f in args.fields):
+        raise ValueError("give the wound's direction: --angle, --towards, --wound, or a WOUND CSV in every field")
+    if args.wound:
+        direction["wound"] = read_spots_csv(args.wound)
+    model, failed = None, 0
+    groups: dict[str, list] = {}
+    for spec in args.fields:
+        name = spec.spots.stem
+        try:
+            cells, nuclei = np.asarray(read_image(spec.cells)), np.asarray(read_image(spec.nuclei))
+            if spec.spots.suffix.lower() in IMAGE_SUFFIXES:
+                image = np.asarray(read_image(spec.spots))
+                if image.shape != cells.shape or image.shape != nuclei.shape:
+                    raise ValueError(f"the image is {image.shape} but the cell mask {cells.shape} and the nucleus "
+                                     f"mask {nuclei.shape}: masks must have the image's shape")
+                model = model or _load_model(args)
+                spots = model.detect(image).coords
+            else:
+                spots = read_spots_csv(spec.spots)
+            where = dict(angle=None, towards=None, wound=read_spots_csv(spec.wound)) if spec.wound else direction
+            table = measure_cells(spots, cells, nuclei, sections=args.sections, rotate=args.rotate,
+                                  compartments=args.compartments, **where)
+        except (OSError, ValueError) as exc:
+            print(f"deepspot polarity: {spec.spots}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for message in table.messages:
+            print(f"deepspot polarity: {spec.spots}: {message}", file=sys.stderr)
+        groups.setdefault(spec.group, []).append((name, table))
+    results = []
+    for group, fields in groups.items():
+        try:
+            results.append(group_polarity(group, [t for _, t in fields], bootstrap=args.bootstrap,
+                                          sample_size=args.sample_size, seed=args.seed))
+        except ValueError as exc:
+            print(f"deepspot polarity: {exc}", file=sys.stderr)
+            failed += 1
+    if not groups:
+        raise ValueError("no field could be measured")
+    out.mkdir(parents=True, exist_ok=True)
+    write_cells_csv(out / "cells.csv", groups)
+    if results:
+        write_summary_csv(out / "summary.csv", results)
+        figure = polarity_figure(results)
+        with atomic_write(out / "polarity.png") as handle:
+            figure.savefig(handle, format="png")
+    print("group       cells  polarity index  error  95% interval (cells)  p-value")
+    for r in results:
+        low, high = r.polarity.interval
+        print(f"{r.name:<10} {r.polarity.n_cells:6d}  {r.polarity.index:14.3f}  {r.polarity.error:5.3f}  "
+              f"{low:9.3f} .. {high:6.3f}  {r.polarity.pvalue:.3g}")
+    print(f"wrote {', '.join(str(out / n) for n in POLARITY_FILES[:1 + 2 * bool(results)])}")
+    return 1 if failed else 0
+
+
 def _target_background(text: str):
     if text in ("model", "paper"):
         return text
@@ -822,6 +912,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the crops, augmentation, validation split and dropout")
     p.set_defaults(func=cmd_train)
+
+    p = command("polarity", help="where the RNA goes in each cell: spots per section toward a wound, DypFISH's index",
+                description="The paper's wound-healing analysis (docs/polarity.md): per cell, the spots in the "
+                            "cytoplasm of equal angular sections around the nucleus centroid, the first centred on "
+                            "the wound; per group, DypFISH's polarity index (-1..1) with its bootstrap error and a "
+                            "Mann-Whitney p-value. Writes cells.csv (one row per cell, skipped cells with the reason), "
+                            "summary.csv (one row per group) and polarity.png.")
+    common(p)
+    p.add_argument("fields", nargs="+", type=_polarity_field, metavar="[GROUP=]SPOTS,CELLS,NUCLEI[,WOUND]",
+                   help="one field of view: SPOTS a spots CSV (y,x; e.g. run's <name>.spots.csv) or an image (its "
+                        "spots are detected first), CELLS and NUCLEI label images of its shape (0 = background), WOUND "
+                        "a CSV of (y,x) vertices along this field's wound edge (one row: a point). Fields with the "
+                        "same GROUP (e.g. migrating, control) are pooled (default group: all)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in the folder")
+    where = p.add_mutually_exclusive_group()  # the wound, for fields without a WOUND CSV
+    where.add_argument("--angle", type=float, metavar="DEG",
+                       help="the wound's direction: 0 = right, 90 = up on screen (toward row 0)")
+    where.add_argument("--towards", type=float, nargs=2, metavar=("Y", "X"), help="a point in the wound")
+    where.add_argument("--wound", metavar="CSV", help="a CSV of (y,x) vertices along the wound edge")
+    p.add_argument("--sections", type=int, default=3, help="equal angular sections per cell")
+    p.add_argument("--rotate", action="store_true",
+                   help="DypFISH's rotation: turn the sections (1-degree steps, within half a section) to where the "
+                        "wound section is densest")
+    p.add_argument("--compartments", choices=("whole", "cytoplasm"), default="whole",
+                   help="CELLS are whole cells (nuclei inside) or cytoplasm only (nucleus k belongs to cell k)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates of the index's error")
+    p.add_argument("--sample-size", type=int, default=400, help="values drawn per cell in each bootstrap replicate")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")
+    p.set_defaults(func=cmd_polarity)
     return parser
 
 
