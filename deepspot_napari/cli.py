@@ -597,9 +597,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-POLARITY_FILES = ("cells.csv", "summary.csv", "polarity.png")
-
-
 @dataclass
 class PolarityField:
     group: str
@@ -619,18 +616,16 @@ def _polarity_field(text: str) -> PolarityField:
 
 
 def cmd_polarity(args) -> int:
-    from .io import IMAGE_SUFFIXES, atomic_write, read_image
-    from .polarity import group_polarity, measure_cells, polarity_figure, write_cells_csv, write_summary_csv
+    from .io import IMAGE_SUFFIXES, read_image
+    from .polarity import RESULT_FILES, group_polarity, measure_cells, write_results
     from .simulate import read_spots_csv
     out = Path(args.output)
-    existing = [name for name in POLARITY_FILES if (out / name).exists()]
+    existing = [name for name in RESULT_FILES if (out / name).exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{out} already holds {', '.join(existing)}; use --overwrite to replace them")
-    direction = dict(angle=args.angle, towards=args.towards, wound=None)
-    if sum(v is not None for v in direction.values()) == 0 and any(f.wound is None for f in args.fields):
+    direction = dict(angle=args.angle, towards=args.towards, wound=read_spots_csv(args.wound) if args.wound else None)
+    if all(v is None for v in direction.values()) and any(spec.wound is None for spec in args.fields):
         raise ValueError("give the wound's direction: --angle, --towards, --wound, or a WOUND CSV in every field")
-    if args.wound:
-        direction["wound"] = read_spots_csv(args.wound)
     model, failed = None, 0
     groups: dict[str, list] = {}
     for spec in args.fields:
@@ -666,19 +661,13 @@ def cmd_polarity(args) -> int:
             failed += 1
     if not groups:
         raise ValueError("no field could be measured")
-    out.mkdir(parents=True, exist_ok=True)
-    write_cells_csv(out / "cells.csv", groups)
-    if results:
-        write_summary_csv(out / "summary.csv", results)
-        figure = polarity_figure(results)
-        with atomic_write(out / "polarity.png") as handle:
-            figure.savefig(handle, format="png")
+    written = write_results(out, groups, results)
     print("group       cells  polarity index  error  95% interval (cells)  p-value")
     for r in results:
         low, high = r.polarity.interval
         print(f"{r.name:<10} {r.polarity.n_cells:6d}  {r.polarity.index:14.3f}  {r.polarity.error:5.3f}  "
               f"{low:9.3f} .. {high:6.3f}  {r.polarity.pvalue:.3g}")
-    print(f"wrote {', '.join(str(out / n) for n in POLARITY_FILES[:1 + 2 * bool(results)])}")
+    print(f"wrote {', '.join(map(str, written))}")
     return 1 if failed else 0
 
 

@@ -32,7 +32,7 @@ from . import _core
 from .io import atomic_write
 
 __all__ = ["CellTable", "PolarityIndex", "GroupPolarity", "measure_cells", "polarity_index", "group_polarity",
-           "polarity_figure", "write_cells_csv", "write_summary_csv", "segment_nuclei",
+           "polarity_figure", "write_cells_csv", "write_summary_csv", "write_results", "segment_nuclei",
            "simulated_field"]
 
 DEFAULT_SECTIONS = 3          # the paper's three 120-degree sections
@@ -204,41 +204,64 @@ def _spot_array(spots) -> np.ndarray:
     return np.ascontiguousarray(s)
 
 
-def _match_nuclei(cells: np.ndarray, nuclei: np.ndarray, compartments: str):
-    """{cell label: nucleus label} for the cells with exactly one nucleus, the skipped cells' (label, reason),
-    and notes on nuclei that belong to no cell."""
-    cell_labels = np.unique(cells[cells > 0])
-    nucleus_labels, nucleus_area = np.unique(nuclei[nuclei > 0], return_counts=True)
-    skipped, notes, owner = [], [], {}
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, originals): the label image renumbered 0 (background), 1..k in label order, as int32, and
+    originals[id] = the label (originals[0] = 0). A bincount for labels up to 2^22, else a sort."""
+    top = int(labels.max()) if labels.size else 0
+    if top < 2 ** 22:
+        originals = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))
+        originals = np.concatenate([[0], originals[originals > 0]])
+        to_id = np.zeros(top + 1, np.int32)
+        to_id[originals] = np.arange(len(originals), dtype=np.int32)
+        return to_id[labels], originals
+    originals, ids = np.unique(labels, return_inverse=True)
+    if originals[0] != 0:
+        originals, ids = np.concatenate([[0], originals]), ids + 1
+    return ids.reshape(labels.shape).astype(np.int32), originals
+
+
+def _match_nuclei(cell_ids, cell_labels, nucleus_ids, nucleus_labels, compartments: str):
+    """The nucleus id of each cell id (0: none matched), the skipped cells' (label, reason), and notes on
+    nuclei that belong to no cell. Ids as _compact's."""
+    skipped, notes = [], []
+    owner = np.zeros(len(nucleus_labels), np.int64)  # cell id of each nucleus id, 0 = none
     if compartments == "whole":
-        both = (cells > 0) & (nuclei > 0)
-        pairs, overlap = np.unique(np.stack([nuclei[both], cells[both]]), axis=1, return_counts=True)
-        for n, a in zip(nucleus_labels, nucleus_area):
-            mine = pairs[0] == n
-            if not mine.any() or overlap[mine].max() * 2 < a:
-                notes.append(f"nucleus {n} lies mostly outside every cell; it is ignored")
-                continue
-            owner[int(n)] = int(pairs[1, mine][overlap[mine].argmax()])
+        inside = nucleus_ids > 0
+        n_ids, c_ids = nucleus_ids[inside].astype(np.int64), cell_ids[inside].astype(np.int64)
+        area = np.bincount(n_ids, minlength=len(nucleus_labels))
+        keys, overlap = np.unique(n_ids * len(cell_labels) + c_ids, return_counts=True)
+        pair_n, pair_c = keys // len(cell_labels), keys % len(cell_labels)
+        overlap = np.where(pair_c > 0, overlap, 0)
+        order = np.lexsort((-overlap, pair_n))  # per nucleus, the cell overlapping it most first
+        first = order[np.r_[True, pair_n[order][1:] != pair_n[order][:-1]]]
+        best_cell, best_overlap = np.zeros_like(owner), np.zeros_like(owner)
+        best_cell[pair_n[first]], best_overlap[pair_n[first]] = pair_c[first], overlap[first]
+        mostly_inside = best_overlap * 2 >= area
+        mostly_inside[0] = True  # the background
+        owner = np.where(mostly_inside, best_cell, 0)
+        for n in np.flatnonzero(~mostly_inside).tolist():
+            notes.append(f"nucleus {nucleus_labels[n]} lies mostly outside every cell; it is ignored")
     else:  # the cytoplasm image's label k and the nucleus image's label k are one cell
-        known = set(cell_labels.tolist())
-        for n in nucleus_labels:
-            if int(n) in known:
-                owner[int(n)] = int(n)
-            else:
-                notes.append(f"nucleus {n} has no cytoplasm of the same label; it is ignored")
-    per_cell: dict[int, list[int]] = {}
-    for n, c in owner.items():
-        per_cell.setdefault(c, []).append(n)
-    matched = {}
-    for c in cell_labels.tolist():
-        found = per_cell.get(c, [])
-        if not found:
-            skipped.append((c, "no nucleus"))
-        elif len(found) > 1:
-            skipped.append((c, f"{len(found)} nuclei ({', '.join(map(str, sorted(found)))}); one per cell is needed"))
-        else:
-            matched[c] = found[0]
-    return matched, skipped, notes
+        position = np.searchsorted(cell_labels, nucleus_labels).clip(0, len(cell_labels) - 1)
+        same = cell_labels[position] == nucleus_labels
+        same[0] = True  # the background
+        owner = np.where(same, position, 0)
+        for n in np.flatnonzero(~same).tolist():
+            notes.append(f"nucleus {nucleus_labels[n]} has no cytoplasm of the same label; it is ignored")
+    nuclei_per_cell = np.bincount(owner[1:], minlength=len(cell_labels))
+    nucleus_of = np.zeros(len(cell_labels), np.int64)
+    single = np.flatnonzero(nuclei_per_cell == 1)
+    has = np.flatnonzero(owner > 0)
+    nucleus_of[owner[has]] = has  # cells with several nuclei get one of them here, and 0 below
+    for c in range(1, len(cell_labels)):
+        if nuclei_per_cell[c] == 0:
+            skipped.append((int(cell_labels[c]), "no nucleus"))
+        elif nuclei_per_cell[c] > 1:
+            found = sorted(int(nucleus_labels[n]) for n in np.flatnonzero(owner == c))
+            skipped.append((int(cell_labels[c]), f"{len(found)} nuclei ({', '.join(map(str, found))}); "
+                                                 "one per cell is needed"))
+    nucleus_of[np.setdiff1d(np.arange(len(cell_labels)), single)] = 0
+    return nucleus_of, skipped, notes
 
 
 def _histograms(cell_of_pixel, centroids, origins, bins, spots, with_map=False):
@@ -273,28 +296,32 @@ def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=N
     if cells.shape != nuclei.shape:
         raise ValueError(f"cells {cells.shape} and nuclei {nuclei.shape} must have the same shape")
     points = _spot_array(spots)
-    matched, skipped, notes = _match_nuclei(cells, nuclei, compartments)
-    labels = np.array(sorted(matched), np.int64)
-    nucleus_of = np.array([matched[c] for c in labels.tolist()], np.int64)
+    cell_ids, cell_labels = _compact(cells)
+    nucleus_ids, nucleus_labels = _compact(nuclei)
+    nucleus_of_cell, skipped, notes = _match_nuclei(cell_ids, cell_labels, nucleus_ids, nucleus_labels, compartments)
+    measured_ids = np.flatnonzero(nucleus_of_cell)          # cell ids with exactly one nucleus, in label order
+    labels = cell_labels[measured_ids]
+    nucleus_of = nucleus_labels[nucleus_of_cell[measured_ids]]
     # nucleus centroids: the mean of each matched nucleus's pixels
-    centroids = np.zeros((len(labels), 2))
-    if len(labels):
-        keep = np.isin(nuclei, nucleus_of)
-        index = _index_of(nuclei[keep], nucleus_of)
-        yy, xx = np.nonzero(keep)
-        weight = np.bincount(index, minlength=len(labels))
-        centroids[:, 0] = np.bincount(index, yy, len(labels)) / weight
-        centroids[:, 1] = np.bincount(index, xx, len(labels)) / weight
+    row_of_nucleus = np.full(len(nucleus_labels), -1)
+    row_of_nucleus[nucleus_of_cell[measured_ids]] = np.arange(len(measured_ids))
+    rows = row_of_nucleus[nucleus_ids]
+    keep = rows >= 0
+    yy, xx = np.nonzero(keep)
+    weight = np.maximum(np.bincount(rows[keep], minlength=len(labels)), 1)
+    centroids = np.stack([np.bincount(rows[keep], yy, len(labels)), np.bincount(rows[keep], xx, len(labels))], 1)
+    centroids = centroids.reshape(len(labels), 2) / weight[:, None]
     theta, defined = _directions(centroids, angle, towards, wound)
     for c in labels[~defined].tolist():
         skipped.append((c, "the wound is at its nucleus centroid, so it has no direction"))
     width = 2 * math.pi / sections
 
     def histograms(use, origins, bins, with_map=False):
-        cell_of_pixel = np.full(cells.shape, -1, np.int32)
-        cytoplasm = (cells > 0) & (nuclei == 0) if compartments == "whole" else cells > 0
-        measured = cytoplasm & np.isin(cells, labels[use])
-        cell_of_pixel[measured] = _index_of(cells[measured], labels[use])
+        row_of_cell = np.full(len(cell_labels), -1, np.int32)  # cell id -> row of the cells measured
+        row_of_cell[measured_ids[use]] = np.arange(int(use.sum()), dtype=np.int32)
+        cell_of_pixel = row_of_cell[cell_ids]
+        if compartments == "whole":
+            cell_of_pixel[nucleus_ids > 0] = -1
         return _histograms(cell_of_pixel, centroids[use], origins, bins, points, with_map)
 
     use = defined.copy()
@@ -328,18 +355,11 @@ def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=N
     if bin_map is not None:
         keep_pixel = bin_map >= 0
         bin_map = np.where(keep_pixel, bin_map + 1, 0).astype(np.int32)
-        dropped = measured_labels[~kept]
-        bin_map[np.isin(cells, dropped)] = 0
+        bin_map[np.isin(bin_map * 0 + cell_ids, measured_ids[use][~kept])] = 0
     return CellTable(labels=measured_labels[kept], nuclei=nucleus_of[use][kept], centroids=centroids[use][kept],
                      directions=np.degrees(theta[use][kept]) % 360, areas=area[kept], counts=count[kept],
                      skipped=skipped, notes=notes, spots_outside=int(len(points) - in_kept.sum()),
                      spots_total=len(points), section_map=bin_map)
-
-
-def _index_of(values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Each value's position in table (every value must be in it)."""
-    order = np.argsort(table, kind="stable")
-    return order[np.searchsorted(table, values, sorter=order)]
 
 
 def polarity_index(reference, others, *, bootstrap: int = BOOTSTRAP_REPLICATES,
@@ -461,6 +481,26 @@ def write_summary_csv(path, groups: Sequence[GroupPolarity]) -> None:
             row[f"section{s}_error"] = round(float(error), 6)
         rows.append(row)
     _write_csv(path, rows)
+
+
+RESULT_FILES = ("cells.csv", "summary.csv", "polarity.png")
+
+
+def write_results(folder, fields: Mapping[str, Sequence[tuple[str, CellTable]]],
+                  groups: Sequence[GroupPolarity]) -> list:
+    """cells.csv (write_cells_csv), and when any group has a result, summary.csv and polarity.png, into
+    folder (created if needed), each written atomically. Returns the paths written."""
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in RESULT_FILES]
+    write_cells_csv(paths[0], fields)
+    if not groups:
+        return paths[:1]
+    write_summary_csv(paths[1], groups)
+    with atomic_write(paths[2]) as handle:
+        polarity_figure(groups).savefig(handle, format="png")
+    return paths
 
 
 def segment_nuclei(dapi, *, smoothing: float = 2.0, min_area: int = 50) -> np.ndarray:

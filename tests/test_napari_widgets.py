@@ -465,3 +465,62 @@ def test_plugin_through_its_manifest(make_napari_viewer, npe2pm, tmp_path):
         assert saved == [str(path)]
         layers = viewer.open(str(path), plugin="deepspot-napari")
         np.testing.assert_array_equal(layers[0].data, truth.data)
+
+
+def _polarity_layers(viewer, seed=0, enrichment=0.8):
+    from deepspot_napari.polarity import simulated_field
+    f = simulated_field(seed, enrichment=enrichment)
+    viewer.add_image(f["image"], name="smfish")
+    viewer.add_image(f["dapi"], name="dapi")
+    viewer.add_points(f["spots"], name="smfish spots")
+    viewer.add_labels(f["cells"], name="cells")
+    return f
+
+
+def test_polarity_widget_segments_analyses_and_saves(viewer, tmp_path, messages):
+    from deepspot_napari._polarity_widget import PolarityWidget
+    f = _polarity_layers(viewer)
+    h, w = f["cells"].shape
+    viewer.add_shapes([np.array([[-1.0, 0.0], [-1.0, w - 1.0]])], shape_type="line", name="wound")
+    widget = PolarityWidget(viewer)
+    widget.dapi.value = viewer.layers["dapi"]
+    widget.segment()
+    assert "dapi nuclei" in viewer.layers and viewer.layers["dapi nuclei"].data.max() == 12
+    assert widget.nuclei.value is viewer.layers["dapi nuclei"]
+    widget.spots.value = viewer.layers["smfish spots"]
+    widget.cells.value = viewer.layers["cells"]
+    widget.wound.value = viewer.layers["wound"]
+    widget.analyse()
+    assert not errors(messages), errors(messages)
+    sections = viewer.layers["cells sections"].data
+    assert set(np.unique(sections)) == {0, 1, 2, 3}
+    assert "12 cells: polarity index 1.00" in widget.status.value
+    assert widget.table.shape[0] == 12 and not widget.figure.pixmap().isNull()
+    widget.save_folder.value = tmp_path / "pol"
+    widget.save()
+    assert {p.name for p in (tmp_path / "pol").iterdir()} == {"cells.csv", "summary.csv", "polarity.png"}
+
+
+def test_polarity_widget_point_or_angle_and_bad_layers(viewer, messages):
+    from deepspot_napari._polarity_widget import ANGLE, PolarityWidget
+    f = _polarity_layers(viewer, seed=1, enrichment=0.0)
+    viewer.add_labels(f["nuclei"], name="nuclei")
+    viewer.add_points(np.zeros((0, 2)), name="clicked")
+    widget = PolarityWidget(viewer)
+    widget.spots.value = viewer.layers["smfish spots"]
+    widget.cells.value = viewer.layers["cells"]
+    widget.nuclei.value = viewer.layers["nuclei"]
+    widget.wound.value = viewer.layers["clicked"]
+    widget.analyse()
+    assert any("click a point in the wound" in m for m in errors(messages))
+    viewer.layers["clicked"].data = np.array([[-50.0, 190.0]])
+    widget.analyse()
+    assert "12 cells" in widget.status.value
+    widget.wound.value = ANGLE
+    widget.angle.value = 0.0
+    widget.analyse()
+    assert "12 cells" in widget.status.value
+    viewer.add_labels(f["nuclei"][:-1], name="short nuclei")
+    widget.nuclei.value = viewer.layers["short nuclei"]
+    widget.analyse()
+    assert any("must have the same shape" in m for m in errors(messages))

@@ -162,6 +162,19 @@ def test_cytoplasm_compartments_equal_whole_cells():
     np.testing.assert_array_equal(split.areas, whole.areas)
 
 
+def test_any_integer_labels_give_the_same_result():
+    f = _field(6, 0.5)
+    small = P.measure_cells(f["spots"], f["cells"], f["nuclei"], angle=30)
+    big = 1_000_003  # beyond the bincount relabelling: the sorting path
+    large = P.measure_cells(f["spots"], np.where(f["cells"] > 0, f["cells"] * big, 0),
+                            np.where(f["nuclei"] > 0, 7 * f["nuclei"].astype(np.uint64) + 2**40, 0).astype(np.uint64), angle=30)
+    np.testing.assert_array_equal(large.labels, small.labels * big)
+    np.testing.assert_array_equal(large.nuclei, 7 * small.nuclei + 2**40)
+    np.testing.assert_array_equal(large.counts, small.counts)
+    np.testing.assert_array_equal(large.areas, small.areas)
+    np.testing.assert_allclose(large.centroids, small.centroids)
+
+
 def test_bad_cells_are_reported_and_the_others_counted():
     f = _field(3, 0.5)
     cells, nuclei = f["cells"].copy(), f["nuclei"].copy()
@@ -241,13 +254,17 @@ def test_cli_groups_csvs_and_figure(tmp_path, capsys):
 def test_cli_detects_spots_in_images_and_reports_bad_fields(tmp_path, capsys):
     a = _write_field(tmp_path, "a", 0, 0.8)
     out = tmp_path / "out"
+    (tmp_path / "wound.csv").write_text("y,x\n-1,0\n-1,383\n")
     rc = cli_main(["polarity", f"{a[3]},{a[1]},{a[2]}", f"{a[3]},{a[1]},{tmp_path / 'missing.tif'}",
-                   "-o", str(out), "--towards", "-100", "190", "-q"])
+                   "-o", str(out), "--wound", str(tmp_path / "wound.csv"), "-q"])
     assert rc == 1  # one field failed, the other was measured
     err = capsys.readouterr().err
     assert "missing.tif" in err
     summary = list(csv.DictReader(open(out / "summary.csv")))
     assert summary[0]["cells"] == "12" and float(summary[0]["polarity_index"]) > 0.5
+    # no direction at all
+    assert cli_main(["polarity", f"{a[0]},{a[1]},{a[2]}", "-o", str(tmp_path / "o2"), "-q"]) == 2
+    assert "give the wound's direction" in capsys.readouterr().err
 
 
 def test_segment_nuclei_finds_the_simulated_nuclei():

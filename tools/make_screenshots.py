@@ -2,7 +2,7 @@
 """Screenshots of the napari plugin in use, for docs/napari.md: each widget docked in a real
 napari window with its result (docs/screenshots/*.png, palette PNGs well under 300 KB).
 
-    python tools/make_screenshots.py [--out docs/screenshots]
+    python tools/make_screenshots.py [--out docs/screenshots] [--only NAME ...]
 
 Needs napari with a Qt binding (pip install 'deepspot-napari[napari]'). Without $DISPLAY it
 starts its own Xvfb (apt-get install xvfb), stopped when this script has exited; `xvfb-run -a python
@@ -29,6 +29,7 @@ MAX_BYTES = 300_000
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--only", nargs="+", choices=SHOTS, default=SHOTS, help="the screenshots to make (default: all)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))  # the checkout's package when it is not installed
@@ -37,10 +38,13 @@ def main(argv=None) -> int:
     why_not = start_xvfb("1920x1200x24")
     if why_not:
         sys.exit(f"make_screenshots: {why_not}")
-    return shoot(args.out)
+    return shoot(args.out, set(args.only))
 
 
-def shoot(out: Path) -> int:
+SHOTS = ("enhance", "detect", "train", "polarity")
+
+
+def shoot(out: Path, only=frozenset(SHOTS)) -> int:
     import napari
     from PIL import Image as PILImage
     from qtpy.QtWidgets import QApplication
@@ -92,6 +96,18 @@ def shoot(out: Path) -> int:
         for data, kwargs, kind in make_sample_data():
             getattr(viewer, f"add_{kind}")(data, **kwargs)
 
+    if "enhance" in only:
+        shoot_enhance(new_viewer, add_sample, wait, settle, save, EnhanceWidget, simulate_image)
+    if "detect" in only:
+        shoot_detect(new_viewer, add_sample, wait, save, DetectWidget)
+    if "train" in only:
+        shoot_train(new_viewer, add_sample, wait, save, TrainWidget, Model)
+    if "polarity" in only:
+        shoot_polarity(new_viewer, save)
+    return 0
+
+
+def shoot_enhance(new_viewer, add_sample, wait, settle, save, EnhanceWidget, simulate_image):
     # 1. Enhance a 2D image: raw and enhanced side by side
     viewer = new_viewer("DeepSpot - Enhance")
     add_sample(viewer)
@@ -126,6 +142,8 @@ def shoot(out: Path) -> int:
     save(viewer, "enhance_stack_in_view")
     viewer.close()
 
+
+def shoot_detect(new_viewer, add_sample, wait, save, DetectWidget):
     # 3. Detect: points sized and coloured by score, the features table open
     viewer = new_viewer("DeepSpot - Detect")
     add_sample(viewer)
@@ -141,6 +159,8 @@ def shoot(out: Path) -> int:
     save(viewer, "detect")
     viewer.close()
 
+
+def shoot_train(new_viewer, add_sample, wait, save, TrainWidget, Model):
     # 4. Train on annotated layers (the sample's true spots as the annotation)
     viewer = new_viewer("DeepSpot - Train")
     add_sample(viewer)
@@ -158,7 +178,33 @@ def shoot(out: Path) -> int:
     viewer.reset_view()
     save(viewer, "train")
     viewer.close()
-    return 0
+
+
+def shoot_polarity(new_viewer, save):
+    # 5. Polarity: simulated cells enriched toward a wound above them (docs/polarity.md)
+    from deepspot_napari._polarity_widget import PolarityWidget
+    from deepspot_napari.polarity import simulated_field
+    field = simulated_field(0, enrichment=0.8)
+    viewer = new_viewer("DeepSpot - Polarity")
+    viewer.add_image(field["image"], name="smFISH", colormap="gray")
+    viewer.add_image(field["dapi"], name="DAPI", colormap="blue", blending="additive", visible=False)
+    viewer.add_points(field["spots"], name="spots", size=4, face_color="yellow", border_width=0)
+    viewer.add_labels(field["cells"], name="cells", opacity=0.0)
+    width = field["cells"].shape[1]
+    viewer.add_shapes([np.array([[-2.0, 0.0], [-2.0, width - 1.0]])], shape_type="line", name="wound",
+                      edge_color="red", edge_width=3)
+    widget = PolarityWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Polarity (deepspot-napari)", area="right")
+    widget.dapi.value = viewer.layers["DAPI"]
+    widget.segment_button.clicked.emit()
+    widget.spots.value = viewer.layers["spots"]
+    widget.cells.value = viewer.layers["cells"]
+    widget.wound.value = viewer.layers["wound"]
+    widget.run_button.clicked.emit()
+    viewer.layers["DAPI nuclei"].opacity = 0.3
+    viewer.reset_view()
+    save(viewer, "polarity")
+    viewer.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 /* test_core.c - C-level tests of the core, run under AddressSanitizer/LeakSanitizer by .ci/run:
  * the safetensors reader on malformed buffers, model loading errors, and a forward pass whose
- * result is finite, in (0, 1), deterministic and equal whichever plan (batch, stages) computes it.
+ * result is finite, in (0, 1), deterministic and equal whichever plan (batch, stages) computes it;
+ * the polarity histograms on a hand-counted cell and their argument checks.
  * Usage: test_core <weights.safetensors> */
 #include <math.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 
 #include "check.h"
 #include "model.h"
+#include "polarity.h"
 #include "safetensors.h"
 
 /* Builds a safetensors buffer from a header string and `data_len` bytes of data. */
@@ -115,6 +117,37 @@ static void test_model(const char *weights)
     ds_model_free(model);
 }
 
+/* One 5x5 cell centred on pixel (2, 2), four bins of 90 degrees starting at -45 degrees: right, up,
+ * left, down. The centre pixel has angle 0 (right); every other pixel is counted by hand. */
+static void test_polarity(void)
+{
+    enum { H = 5, W = 5, BINS = 4 };
+    int32_t cell_of_pixel[H * W];
+    for (int i = 0; i < H * W; i++)
+        cell_of_pixel[i] = 0;
+    cell_of_pixel[0] = -1; /* corner (0, 0): not cytoplasm */
+    const double centroid[2] = {2.0, 2.0}, origin = -M_PI / 4;
+    const double spots[4][2] = {{2.0, 4.2}, {0.4, 2.1}, {1.0, 0.0} /* up-left: bin 2 */, {9.0, 9.0} /* outside */};
+    int64_t area[BINS], count[BINS];
+    int32_t cell_of_spot[4], bin_of_pixel[H * W];
+    CHECK(ds_polarity_histograms(area, count, cell_of_spot, bin_of_pixel, H, W, cell_of_pixel, 1, centroid, &origin,
+                                 BINS, &spots[0][0], 4) == DS_OK, "polarity: %s", ds_last_error());
+    /* 24 cytoplasm pixels (all but the corner); the pixels straight right, up, left and down of the centre
+     * lie mid-bin, so rounding cannot move them */
+    int64_t total = area[0] + area[1] + area[2] + area[3];
+    CHECK(total == 24, "polarity: %lld cytoplasm pixels counted, expected 24", (long long)total);
+    CHECK(bin_of_pixel[0] == -1 && bin_of_pixel[2 * W + 4] == 0 && bin_of_pixel[0 * W + 2] == 1 &&
+          bin_of_pixel[2 * W + 0] == 2 && bin_of_pixel[4 * W + 2] == 3, "polarity: axis pixels in the wrong bins");
+    CHECK(count[0] == 1 && count[1] == 1 && count[2] == 1 && count[3] == 0, "polarity: spot counts %lld %lld %lld %lld",
+          (long long)count[0], (long long)count[1], (long long)count[2], (long long)count[3]);
+    CHECK(cell_of_spot[0] == 0 && cell_of_spot[3] == -1, "polarity: spot cells %d %d", cell_of_spot[0], cell_of_spot[3]);
+    cell_of_pixel[7] = 3;
+    CHECK(ds_polarity_histograms(area, count, cell_of_spot, NULL, H, W, cell_of_pixel, 1, centroid, &origin, BINS,
+                                 &spots[0][0], 4) == DS_ERR_VALUE, "polarity: pixel naming cell 3 of 1 accepted");
+    CHECK(ds_polarity_histograms(area, count, cell_of_spot, NULL, H, W, cell_of_pixel, 1, centroid, &origin, 0,
+                                 &spots[0][0], 4) == DS_ERR_VALUE, "polarity: 0 bins accepted");
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -123,6 +156,7 @@ int main(int argc, char **argv)
     }
     test_safetensors_parser();
     test_model(argv[1]);
+    test_polarity();
     if (check_failures) {
         fprintf(stderr, "%d check(s) failed\n", check_failures);
         return 1;
