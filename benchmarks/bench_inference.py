@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Inference speed of our C core (oneDNN) against the original model in TensorFlow and in ONNX
 Runtime, in one run on the same machine: ms per 256x256 patch at batch 1 and 8, and per
-2048x2048 image, with the achieved GFLOP/s (23.2 GFLOP per 256x256 forward, docs/reference_model.md section 1.6).
+2048x2048 image, with the achieved GFLOP/s (float32, and bf16 where the CPU has bf16 instructions) (23.2 GFLOP per 256x256 forward, docs/reference_model.md section 1.6).
 
 Each framework is measured in its own child process, one after the other, so that their thread
 pools never compete for the cores. Needs TensorFlow, tf2onnx and onnxruntime (benchmark-only
@@ -35,13 +35,13 @@ def _median_ms(call, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def measure_ours(repeats: int) -> dict:
+def measure_ours(repeats: int, precision: str = "float32") -> dict:
     import numpy as np
     sys.path.insert(0, str(HERE))
     from checkout import import_package
     import_package()
     from deepspot_napari import Model
-    model = Model.load(device="cpu")
+    model = Model.load(device="cpu", precision=precision)
     rng = np.random.default_rng(1234)
     results = {}
     for batch in (1, 8):
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
     runs = {"ours (C core, oneDNN)": run_isolated(measure_ours, args.repeats),
+            "ours, bf16 (`--precision bf16`)": run_isolated(measure_ours, args.repeats, "bf16"),
             "TensorFlow (original SavedModel)": run_isolated(measure_reference, "tensorflow", args.repeats),
             "ONNX Runtime (same graph)": run_isolated(measure_reference, "onnxruntime", args.repeats)}
     rows = [("256x256 patch, batch 1", "patch_b1", 1.0), ("256x256 patch, batch 8", "patch_b8", 1.0),
@@ -105,11 +106,14 @@ def main(argv=None) -> int:
             else:
                 cells.append("-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ours = runs["ours (C core, oneDNN)"]
-    for name, result in list(runs.items())[1:]:
-        if "error" not in result and "error" not in ours:
-            ratios = ", ".join(f"{key}: {result[key] / ours[key]:.2f}x" for _, key, _ in rows[:3])
-            lines.append(f"\nSpeed-up of ours over {name}: {ratios}")
+    ours = {name: result for name, result in runs.items() if name.startswith("ours")}
+    for name, result in runs.items():
+        for mine, mine_result in ours.items():
+            if name == mine or (name.startswith("ours") and mine == "ours (C core, oneDNN)"):
+                continue
+            if "error" not in result and "error" not in mine_result:
+                ratios = ", ".join(f"{key}: {result[key] / mine_result[key]:.2f}x" for _, key, _ in rows)
+                lines.append(f"\nSpeed-up of {mine} over {name}: {ratios}")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -17,10 +17,12 @@
 typedef struct ds_backend ds_backend;
 typedef struct ds_op ds_op;
 
-/* How convolutions may round their inputs. DS_MATH_FLOAT32: plain float32 (the default, and the only
- * mode of the CPU backend). DS_MATH_TF32: tensor cores with TF32 inputs and float32 accumulation
- * (GPU only); weights, activations and optimizer state stay float32. */
-enum { DS_MATH_FLOAT32 = 0, DS_MATH_TF32 = 1 };
+/* How convolutions may round their inputs. DS_MATH_FLOAT32: plain float32 (the default). DS_MATH_TF32:
+ * tensor cores with TF32 inputs and float32 accumulation (GPU only). DS_MATH_BF16: inference convolutions
+ * multiply bfloat16 inputs and weights with float32 accumulation and float32 outputs (CPU only, where it
+ * has bf16 instructions), except those that gain nothing or that the accuracy needs (see ops_dnnl.c).
+ * In every mode weights, activations between layers, training and optimizer state stay float32. */
+enum { DS_MATH_FLOAT32 = 0, DS_MATH_TF32 = 1, DS_MATH_BF16 = 2 };
 
 ds_status ds_backend_create(ds_backend **backend, int math_mode);
 void ds_backend_destroy(ds_backend *backend);
@@ -29,6 +31,8 @@ ds_status ds_backend_synchronize(ds_backend *backend);
 /* Whether this backend can run here, and on what: a one-line description of the device, or DS_ERR_BACKEND with
  * the reason it cannot (no GPU, no driver). Creates nothing. */
 ds_status ds_backend_probe(char *description, size_t size);
+/* Whether DS_MATH_BF16 can run here: the CPU has bf16 instructions (CPU backend; the CUDA backend says 0). */
+int ds_cpu_has_bf16(void);
 
 /* ---- backend memory. Sizes in bytes; alloc returns zeroed memory aligned for any op. ---- */
 ds_status ds_backend_alloc(ds_backend *backend, void **memory, size_t bytes);

@@ -68,8 +68,12 @@ static ds_status backend_init(ds_backend *b)
     return DS_OK;
 }
 
+int ds_cpu_has_bf16(void) { return 0; }
+
 ds_status ds_backend_create(ds_backend **backend, int math_mode)
 {
+    if (math_mode == DS_MATH_BF16)
+        return ds_fail(DS_ERR_VALUE, "bf16 is the CPU backend's mode; on the GPU use float32 or tf32");
     if (math_mode != DS_MATH_FLOAT32 && math_mode != DS_MATH_TF32)
         return ds_fail(DS_ERR_VALUE, "unknown math mode %d", math_mode);
     DS_TRY(first_device_present());

@@ -2,7 +2,13 @@
  * Following oneDNN's own examples: each op creates its primitive descriptor once, lets oneDNN
  * pick the weight layout (format "any"), reorders the weights into it once, and afterwards
  * only swaps the activation data handles and executes. Activations stay in plain NHWC so the
- * model can address them as offsets into one arena. */
+ * model can address them as offsets into one arena.
+ *
+ * bf16 (DS_MATH_BF16): oneDNN 3.2's float32 convolutions ignore the bf16 fpmath attribute on this
+ * CPU, so a bf16 convolution is explicit: its weights are converted to bf16 once at creation, its
+ * float32 input is reordered into a bf16 scratch buffer shared by the backend's ops (they run one at
+ * a time), and it writes float32. Convolutions with few input channels (no speed to gain, and the
+ * raw image's precision to keep) and the last one (the sigmoid map) stay float32. */
 #include "ops.h"
 
 #include <stdio.h>
@@ -14,7 +20,13 @@
 struct ds_backend {
     dnnl_engine_t engine;
     dnnl_stream_t stream;
+    int bf16;                        /* DS_MATH_BF16: convolutions with bf16 inputs */
+    void *bf16_scratch;              /* the bf16 copy of a convolution's input, shared by the ops */
+    size_t bf16_scratch_bytes;
 };
+
+/* Below this many input channels a convolution stays float32 (the first layers see the raw image). */
+#define BF16_MIN_IN_CHANNELS 16
 
 #define OP_MAX_ARGS 12
 #define OP_MAX_IO 5
@@ -28,6 +40,8 @@ struct ds_op {
     dnnl_memory_t io[OP_MAX_IO];
     int n_owned;                     /* weights, bias, statistics: owned by the op */
     dnnl_memory_t owned[OP_MAX_ARGS];
+    dnnl_primitive_t to_bf16;        /* bf16 convolutions: io[0] (float32 input) -> bf16_src */
+    dnnl_memory_t bf16_src;          /* ... in the backend's bf16 scratch */
 };
 
 #define DNNL_TRY(call, what)                                                                          \
@@ -41,11 +55,15 @@ ds_status ds_backend_create(ds_backend **backend, int math_mode)
 {
     if (math_mode == DS_MATH_TF32)
         return ds_fail(DS_ERR_VALUE, "TF32 convolutions need the GPU (CUDA) backend; the CPU computes in float32");
-    if (math_mode != DS_MATH_FLOAT32)
+    if (math_mode != DS_MATH_FLOAT32 && math_mode != DS_MATH_BF16)
         return ds_fail(DS_ERR_VALUE, "unknown math mode %d", math_mode);
+    if (math_mode == DS_MATH_BF16 && !ds_cpu_has_bf16())
+        return ds_fail(DS_ERR_VALUE, "bf16 needs a CPU with AVX512-BF16 (or AMX) instructions; this one has "
+                                     "none: use float32");
     ds_backend *b = calloc(1, sizeof *b);
     if (!b)
         return ds_fail(DS_ERR_NOMEM, "out of memory");
+    b->bf16 = math_mode == DS_MATH_BF16;
     if (dnnl_engine_create(&b->engine, dnnl_cpu, 0) != dnnl_success) {
         free(b);
         return ds_fail(DS_ERR_BACKEND, "oneDNN: cannot create the CPU engine");
@@ -59,10 +77,16 @@ ds_status ds_backend_create(ds_backend **backend, int math_mode)
     return DS_OK;
 }
 
+int ds_cpu_has_bf16(void)
+{
+    return (dnnl_get_effective_cpu_isa() & dnnl_cpu_isa_avx512_core_bf16) == dnnl_cpu_isa_avx512_core_bf16;
+}
+
 void ds_backend_destroy(ds_backend *backend)
 {
     if (!backend)
         return;
+    free(backend->bf16_scratch);
     dnnl_stream_destroy(backend->stream);
     dnnl_engine_destroy(backend->engine);
     free(backend);
@@ -132,6 +156,10 @@ void ds_op_destroy(ds_op *op)
         return;
     if (op->primitive)
         dnnl_primitive_destroy(op->primitive);
+    if (op->to_bf16)
+        dnnl_primitive_destroy(op->to_bf16);
+    if (op->bf16_src)
+        dnnl_memory_destroy(op->bf16_src);
     for (int i = 0; i < op->n_io; i++)
         dnnl_memory_destroy(op->io[i]);
     for (int i = 0; i < op->n_owned; i++)
@@ -232,6 +260,33 @@ static ds_status execute_unary(ds_op *op, const float *src, float *dst)
 
 /* ---- convolution and transposed convolution ---- */
 
+/* A bf16 convolution's input: io[0] is the caller's float32 buffer (not a convolution argument), reordered
+ * into bf16_src (the convolution's DNNL_ARG_SRC, in the backend's scratch, grown here to fit). */
+static ds_status add_bf16_input(ds_op *op, const_dnnl_memory_desc_t f32_md, const_dnnl_memory_desc_t bf16_md)
+{
+    ds_backend *b = op->backend;
+    size_t bytes = dnnl_memory_desc_get_size(bf16_md);
+    if (bytes > b->bf16_scratch_bytes) {
+        void *grown = realloc(b->bf16_scratch, bytes);
+        if (!grown)
+            return ds_fail(DS_ERR_NOMEM, "out of memory (bf16 scratch of %zu bytes)", bytes);
+        b->bf16_scratch = grown;
+        b->bf16_scratch_bytes = bytes;
+    }
+    dnnl_memory_t input;
+    DNNL_TRY(dnnl_memory_create(&input, f32_md, b->engine, DNNL_MEMORY_NONE), "memory");
+    op->io[op->n_io++] = input;
+    DNNL_TRY(dnnl_memory_create(&op->bf16_src, bf16_md, b->engine, DNNL_MEMORY_NONE), "memory");
+    op->args[op->nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SRC, op->bf16_src};
+    dnnl_primitive_desc_t reorder_pd;
+    DNNL_TRY(dnnl_reorder_primitive_desc_create(&reorder_pd, f32_md, b->engine, bf16_md, b->engine, NULL),
+             "bf16 reorder descriptor");
+    dnnl_status_t rc = dnnl_primitive_create(&op->to_bf16, reorder_pd);
+    dnnl_primitive_desc_destroy(reorder_pd);
+    DNNL_TRY(rc, "bf16 reorder");
+    return DS_OK;
+}
+
 static ds_status conv_attr(dnnl_primitive_attr_t *attr, unsigned post)
 {
     dnnl_post_ops_t post_ops;
@@ -263,21 +318,29 @@ ds_status ds_conv_forward_create(ds_op **op_out, ds_backend *backend, const conv
     dnnl_dims_t strides = {d->stride, d->stride}, dilates = {d->dilation - 1, d->dilation - 1};
     dnnl_dims_t pad_l = {d->pad_before, d->pad_before}, pad_r = {d->pad_after, d->pad_after};
 
+    int bf16 = backend->bf16 && d->in_channels >= BF16_MIN_IN_CHANNELS && !(d->post & POST_SIGMOID);
+    dnnl_data_type_t compute = bf16 ? dnnl_bf16 : dnnl_f32;
+    dnnl_memory_desc_t conv_src_md = NULL;
+    dnnl_dims_t src_dims = {d->batch, d->in_channels, d->in_height, d->in_width};
     if ((rc = nhwc_desc(&src_md, d->batch, d->in_channels, d->in_height, d->in_width)) ||
         (rc = nhwc_desc(&dst_md, d->batch, d->out_channels, d->out_height, d->out_width)) ||
         (rc = vector_desc(&bias_md, d->out_channels)) || (rc = conv_attr(&attr, d->post)))
         goto done;
-    if (dnnl_memory_desc_create_with_tag(&any_weight_md, 4, weight_dims, dnnl_f32, dnnl_format_tag_any) ||
+    if (dnnl_memory_desc_create_with_tag(&conv_src_md, 4, src_dims, compute, dnnl_nhwc)) {
+        rc = ds_fail(DS_ERR_BACKEND, "oneDNN: input memory descriptor");
+        goto done;
+    }
+    if (dnnl_memory_desc_create_with_tag(&any_weight_md, 4, weight_dims, compute, dnnl_format_tag_any) ||
         dnnl_memory_desc_create_with_tag(&user_weight_md, 4, weight_dims, dnnl_f32, dnnl_oihw)) {
         rc = ds_fail(DS_ERR_BACKEND, "oneDNN: weight memory descriptor");
         goto done;
     }
     dnnl_status_t st = d->transposed
         ? dnnl_deconvolution_forward_primitive_desc_create(&pd, backend->engine, dnnl_forward_inference,
-                                                           dnnl_deconvolution_direct, src_md, any_weight_md,
+                                                           dnnl_deconvolution_direct, conv_src_md, any_weight_md,
                                                            bias_md, dst_md, strides, dilates, pad_l, pad_r, attr)
         : dnnl_convolution_forward_primitive_desc_create(&pd, backend->engine, dnnl_forward_inference,
-                                                         dnnl_convolution_direct, src_md, any_weight_md, bias_md,
+                                                         dnnl_convolution_direct, conv_src_md, any_weight_md, bias_md,
                                                          dst_md, strides, dilates, pad_l, pad_r, attr);
     if (st != dnnl_success) {
         rc = ds_fail(DS_ERR_BACKEND, "oneDNN: no %sconvolution implementation for this shape (status %d)",
@@ -285,7 +348,8 @@ ds_status ds_conv_forward_create(ds_op **op_out, ds_backend *backend, const conv
         goto done;
     }
     const_dnnl_memory_desc_t chosen_weight_md = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-    if ((rc = add_io(op, DNNL_ARG_SRC, src_md)) || (rc = add_io(op, DNNL_ARG_DST, dst_md)) ||
+    if ((rc = bf16 ? add_bf16_input(op, src_md, conv_src_md) : add_io(op, DNNL_ARG_SRC, src_md)) ||
+        (rc = add_io(op, DNNL_ARG_DST, dst_md)) ||
         (rc = add_owned(op, DNNL_ARG_WEIGHTS, chosen_weight_md, user_weight_md, weight)) ||
         (rc = add_owned(op, DNNL_ARG_BIAS, bias_md, bias_md, bias)))
         goto done;
@@ -295,6 +359,7 @@ done:
     if (pd)
         dnnl_primitive_desc_destroy(pd);
     dnnl_memory_desc_destroy(src_md);
+    dnnl_memory_desc_destroy(conv_src_md);
     dnnl_memory_desc_destroy(dst_md);
     dnnl_memory_desc_destroy(any_weight_md);
     dnnl_memory_desc_destroy(user_weight_md);
@@ -308,7 +373,17 @@ done:
     return rc;
 }
 
-ds_status ds_conv_forward(ds_op *op, const float *src, float *dst) { return execute_unary(op, src, dst); }
+ds_status ds_conv_forward(ds_op *op, const float *src, float *dst)
+{
+    if (!op->to_bf16)
+        return execute_unary(op, src, dst);
+    DS_TRY(set_io(op, 0, src));
+    DNNL_TRY(dnnl_memory_set_data_handle(op->bf16_src, op->backend->bf16_scratch), "set data handle");
+    dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, op->io[0]}, {DNNL_ARG_TO, op->bf16_src}};
+    DNNL_TRY(dnnl_primitive_execute(op->to_bf16, op->backend->stream, 2, args), "bf16 input reorder");
+    DS_TRY(set_io(op, 1, dst));
+    return execute(op);
+}
 
 /* ---- batch norm + ReLU (inference) ---- */
 

@@ -60,7 +60,7 @@ int ds_py_parse_mode(const char *value, const char *what, const char *const *nam
 const char *const ds_py_bce_names[2] = {"logits", "clipped"};
 const char *const ds_py_max_names[3] = {"batch", "per_image", "none"};
 static const char *const batch_norm_names[] = {"batch", "frozen"}; /* index: ds_train_config.bn_frozen */
-static const char *const math_names[] = {"float32", "tf32"};
+static const char *const math_names[] = {"float32", "tf32", "bf16"};
 
 /* A [batch, height, width] float32 C-contiguous array whose sides fit an int. */
 static PyArrayObject *as_bhw(PyObject *obj, const char *what)
@@ -129,7 +129,7 @@ static int Network_init(NetworkObject *self, PyObject *args, PyObject *kwargs)
     int math_mode;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&|$s", keywords, PyUnicode_FSConverter, &path_obj, &math))
         return -1;
-    if (ds_py_parse_mode(math, "math", math_names, 2, &math_mode) < 0) {
+    if (ds_py_parse_mode(math, "math", math_names, 3, &math_mode) < 0) {
         Py_DECREF(path_obj);
         return -1;
     }
@@ -243,7 +243,8 @@ static PyMethodDef Network_methods[] = {
 
 static PyGetSetDef Network_getset[] = {
     {"num_parameters", (getter)Network_num_parameters, NULL, "number of float32 values in the weights", NULL},
-    {"math", (getter)Network_math, NULL, "'float32', or 'tf32' (TF32 tensor-core convolutions, GPU only)", NULL},
+    {"math", (getter)Network_math, NULL,
+     "'float32', 'tf32' (TF32 tensor-core convolutions, GPU only) or 'bf16' (bf16 convolutions, CPU only)", NULL},
     {NULL},
 };
 
@@ -252,7 +253,8 @@ static PyTypeObject NetworkType = {
     .tp_name = DS_QUALIFIED("Network"),
     .tp_doc = "Network(weights_path, *, math='float32'): the DeepSpot network loaded from a safetensors file, on "
               "this module's backend (" DS_BACKEND_NAME "). math='tf32' (GPU only) lets convolutions round their "
-              "inputs to TF32 on tensor cores. Calls from several threads run one at a time.",
+              "inputs to TF32 on tensor cores; math='bf16' (CPU with bf16 instructions) runs most convolutions "
+              "on bf16 inputs with float32 accumulation. Calls from several threads run one at a time.",
     .tp_basicsize = sizeof(NetworkObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Network_new,
@@ -668,7 +670,14 @@ static PyObject *py_probe(PyObject *self, PyObject *unused)
     return PyUnicode_FromString(description);
 }
 
+static PyObject *py_cpu_has_bf16(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(ds_cpu_has_bf16());
+}
+
 static PyMethodDef module_methods[] = {
+    {"cpu_has_bf16", py_cpu_has_bf16, METH_NOARGS,
+     "cpu_has_bf16() -> bool: whether math='bf16' can run here (the CPU backend on a CPU with bf16 instructions)."},
     {"probe", py_probe, METH_NOARGS,
      "probe() -> a one-line description of the device this module computes on; RuntimeError with the reason when it "
      "cannot run here (e.g. no GPU)."},

@@ -703,8 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", default="auto", choices=DEVICES,
                            help="where the network runs (default: auto = the GPU when one works here, else the CPU)")
             p.add_argument("--precision", default="float32", choices=PRECISIONS,
-                           help="the convolutions' arithmetic: float32 (default), or tf32 (TF32 tensor cores, "
-                                "10-bit mantissa; GPU only)")
+                           help="the convolutions' arithmetic: float32 (default), tf32 (TF32 tensor cores, "
+                                "10-bit mantissa; GPU only), bf16 (bf16 convolutions with float32 accumulation, "
+                                "about 1.8x faster; CPUs with bf16 instructions only, docs/benchmarks.md) or auto "
+                                "(bf16 where it runs, else float32)")
             p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE,
                            help="window side in pixels for large planes; results equal a whole-image pass")
 

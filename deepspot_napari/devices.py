@@ -9,8 +9,10 @@ present must also pass a self-test before it is used: the bundled network on a s
 give the CPU's answer (SELF_TEST_TOLERANCE), so that a driver, library or backend fault shows as "the
 GPU is not used, because ..." rather than as wrong spots.
 
-Precision: "float32" everywhere, or "tf32" (TF32 tensor-core convolutions with float32 weights and
-activations) on the GPU only."""
+Precision: "float32" everywhere, "tf32" (TF32 tensor-core convolutions with float32 weights and
+activations) on the GPU only, "bf16" (most convolutions on bf16 inputs with float32 accumulation) on
+CPUs with bf16 instructions only, or "auto": bf16 where the network runs on such a CPU, else float32
+(resolve_precision)."""
 from __future__ import annotations
 
 import functools
@@ -20,7 +22,7 @@ from types import ModuleType
 DEVICES = ("auto", "cpu", "cuda")
 SELF_TEST_TOLERANCE = 1e-4  # max |GPU - CPU| of the sigmoid map, float32 math on both
 SELF_TEST_FAILED = "failed its self-test"  # in probe's reason when a GPU is present but not trusted
-PRECISIONS = ("float32", "tf32")
+PRECISIONS = ("auto", "float32", "tf32", "bf16")
 _CORE_MODULES = {"cpu": "deepspot_napari._core", "cuda": "deepspot_napari._core_cuda"}
 
 
@@ -83,6 +85,26 @@ def available_devices() -> list[tuple[str, str]]:
     return found
 
 
+def cpu_has_bf16() -> bool:
+    """Whether precision "bf16" can run here (a CPU with AVX512-BF16 or AMX instructions)."""
+    return bool(core_module("cpu").cpu_has_bf16())
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The concrete precision on a concrete device: "auto" is "bf16" on a CPU with bf16 instructions, else
+    "float32"; the others are returned as they are (resolve_device checks them)."""
+    _check_choice("precision", precision, PRECISIONS)
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cpu" and cpu_has_bf16() else "float32"
+
+
+def precision_choices(device: str) -> list[str]:
+    """The precisions that can run on a concrete device here ("auto" first)."""
+    return ["auto", "float32"] + (["bf16"] if device == "cpu" and cpu_has_bf16() else []) + (
+        ["tf32"] if device == "cuda" else [])
+
+
 def resolve_device(device: str = "auto", precision: str = "float32") -> str:
     """The concrete device ("cpu" or "cuda") for a requested one: "auto" is the GPU when it works,
     else the CPU. Raises ValueError for an unknown device or precision, or for "tf32" without the GPU,
@@ -97,6 +119,12 @@ def resolve_device(device: str = "auto", precision: str = "float32") -> str:
             raise RuntimeError(f"device 'cuda' requested but it cannot run here: {reason}; "
                                "use device='cpu' or 'auto'")
         resolved = "cuda" if gpu_works else "cpu"
+    if precision == "bf16" and resolved == "cpu" and not cpu_has_bf16():
+        raise ValueError("precision 'bf16' needs a CPU with AVX512-BF16 (or AMX) instructions; this one has none: "
+                         "use precision='float32' (or 'auto', which picks bf16 only where it runs)")
+    if precision == "bf16" and resolved != "cpu":
+        raise ValueError("precision 'bf16' is the CPU backend's (bf16 convolutions on CPUs with bf16 instructions), "
+                         "but the network would run on the GPU; use device='cpu', or precision 'float32' or 'tf32'")
     if precision == "tf32" and resolved != "cuda":
         why = "" if device == "cpu" else f" (no usable GPU here: {probe('cuda')[1]})"
         raise ValueError(f"precision 'tf32' needs the GPU backend (device 'cuda'), but the network would run on "

@@ -15,7 +15,7 @@ import numpy as np
 from .bundled import (BUNDLED_MODELS, BUNDLED_WEIGHTS, DEFAULT_MODEL, bundled_models,  # noqa: F401
                       bundled_weights_path, weights_path)
 from .detect import DEFAULT_DETECTION, DetectionParams, Spots, detect_spots
-from .devices import core_module, resolve_device
+from .devices import core_module, resolve_device, resolve_precision
 from .errors import Cancelled
 from .images import as_image_stack, scale_plane
 
@@ -127,9 +127,12 @@ class Model:
     def load(cls, path: str | Path | None = None, *, device: str = "auto", precision: str = "float32") -> "Model":
         """Loads weights: a safetensors file, a bundled model's name (BUNDLED_MODELS: "hybrid", the
         published weights), or None for the default bundled model. device: "auto" (the GPU when one
-        works here, else the CPU), "cpu" or "cuda"; precision: "float32", or "tf32" (TF32 tensor-core
-        convolutions, GPU only). See devices.resolve_device for the errors."""
+        works here, else the CPU), "cpu" or "cuda"; precision: "float32", "tf32" (TF32 tensor-core
+        convolutions, GPU only), "bf16" (bf16 convolutions with float32 accumulation, CPUs with bf16
+        instructions only) or "auto" (bf16 where it runs, else float32). See devices.resolve_device for
+        the errors."""
         device = resolve_device(device, precision)
+        precision = resolve_precision(precision, device)
         path = weights_path(path)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
@@ -168,7 +171,7 @@ class Model:
 
     @property
     def precision(self) -> str:
-        """The convolutions' arithmetic: "float32" or "tf32"."""
+        """The convolutions' arithmetic: "float32", "tf32" or "bf16"."""
         return self._network.math
 
     @property

@@ -199,7 +199,7 @@ def test_every_model_command_takes_device_and_precision(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     usage = capsys.readouterr().out
-    assert "--device {auto,cpu,cuda}" in usage and "--precision {float32,tf32}" in usage
+    assert "--device {auto,cpu,cuda}" in usage and "--precision {auto,float32,tf32,bf16}" in usage
 
 
 def run_program(tmp_path, *args):

@@ -70,7 +70,7 @@ def test_tf32_needs_the_gpu(without_gpu):
 def test_unknown_device_or_precision_lists_the_choices():
     with pytest.raises(ValueError, match="device must be one of 'auto', 'cpu', 'cuda'; got 'tpu'"):
         devices.resolve_device("tpu")
-    with pytest.raises(ValueError, match="precision must be one of 'float32', 'tf32'; got 'float16'"):
+    with pytest.raises(ValueError, match="precision must be one of 'auto', 'float32', 'tf32', 'bf16'; got 'float16'"):
         devices.resolve_device("cpu", "float16")
     with pytest.raises(ValueError, match="device must be one of 'cpu', 'cuda'; got 'auto'"):
         devices.core_module("auto")
