@@ -51,6 +51,9 @@ class PolarityWidget(Container):
         self.cells = _layer_combo(napari_viewer, Labels, "cells",
                                   tooltip="a Labels layer: one label per cell (whole cells, nuclei inside)")
         self.nuclei = _layer_combo(napari_viewer, Labels, "nuclei", tooltip="a Labels layer: one label per nucleus")
+        self.compartments = ComboBox(label="cells are", choices=list(polarity.COMPARTMENTS), value="whole",
+                                     tooltip="whole: whole cells, nuclei inside; cytoplasm: cytoplasm only, nucleus k "
+                                             "belongs to cell k")
         self.dapi = _layer_combo(napari_viewer, Image, "DAPI image", nullable=True,
                                  tooltip="a nucleus stain, to segment nuclei from (Otsu threshold and watershed)")
         self.segment_button = PushButton(text="Segment nuclei from the DAPI image")
@@ -71,7 +74,7 @@ class PolarityWidget(Container):
         self.figure = QLabel()
         self.save_folder = FileEdit(label="save to", mode="d")
         self.save_button = PushButton(text="Save cells.csv, summary.csv, polarity.png", enabled=False)
-        super().__init__(widgets=[self.spots, self.cells, self.nuclei, self.dapi, self.segment_button, self.wound,
+        super().__init__(widgets=[self.spots, self.cells, self.nuclei, self.compartments, self.dapi, self.segment_button, self.wound,
                                   self.angle, self.sections, self.rotate, self.run_button, self.status, self.table,
                                   self.save_folder, self.save_button])
         self.native.layout().insertWidget(self.native.layout().count() - 2, self.figure)
@@ -112,7 +115,7 @@ class PolarityWidget(Container):
     def analyse(self, *_):
         points, cells, nuclei, where = self._inputs()
         table = polarity.measure_cells(points, cells, nuclei, sections=self.sections.value, rotate=self.rotate.value,
-                                       section_map=True, **where)
+                                       compartments=self.compartments.value, section_map=True, **where)
         for message in table.messages[:5]:
             show_warning(f"Polarity: {message}")
         if len(table.messages) > 5:

@@ -520,6 +520,11 @@ def test_polarity_widget_point_or_angle_and_bad_layers(viewer, messages):
     widget.angle.value = 0.0
     widget.analyse()
     assert "12 cells" in widget.status.value
+    viewer.add_labels(np.where(f["nuclei"] > 0, 0, f["cells"]), name="cytoplasm")
+    widget.cells.value = viewer.layers["cytoplasm"]
+    widget.compartments.value = "cytoplasm"
+    widget.analyse()
+    assert "12 cells" in widget.status.value
     viewer.add_labels(f["nuclei"][:-1], name="short nuclei")
     widget.nuclei.value = viewer.layers["short nuclei"]
     widget.analyse()
