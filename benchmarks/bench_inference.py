@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             if name == mine or (name.startswith("ours") and mine == "ours (C core, oneDNN)"):
                 continue
             if "error" not in result and "error" not in mine_result:
-                ratios = ", ".join(f"{key}: {result[key] / mine_result[key]:.2f}x" for _, key, _ in rows)
+                ratios = ", ".join(f"{key}: {result[key] / mine_result[key]:.2f}x" for _, key, _ in rows
+                                   if key in result and key in mine_result)
                 lines.append(f"\nSpeed-up of {mine} over {name}: {ratios}")
     text = "\n".join(lines)
     print(text)
