@@ -211,8 +211,10 @@ class Task:
     if the work returned, a notification if it raised (Cancelled: an info), then on_end()."""
 
     def __init__(self, description: str, work: Callable, *, on_result: Callable[[Any], None] | None = None,
-                 on_partial: Callable[[Any], None] | None = None, on_end: Callable[[], None] | None = None):
+                 on_partial: Callable[[Any], None] | None = None, on_end: Callable[[], None] | None = None,
+                 quiet_cancel: bool = False):
         self.description = description
+        self.quiet_cancel = quiet_cancel  # stale work cancelled by the widget itself: no notification
         self.outcome: str | None = None  # "done", "cancelled" or "failed" once finished
         self.error: BaseException | None = None
         self._finished_flag = False
@@ -264,7 +266,7 @@ class Task:
                     outcome, value = "failed", exc
             except Exception as exc:  # noqa: BLE001
                 outcome, value = "failed", exc
-        if outcome == "cancelled":
+        if outcome == "cancelled" and not self.quiet_cancel:
             show_info(f"{self.description}: cancelled")
         elif outcome == "failed":
             self.error = value
@@ -347,6 +349,47 @@ def _plane_in_view(viewer, layer: Image) -> tuple[int, ...]:
     return tuple(int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(position[:lead], data.shape[:lead]))
 
 
+# View first only pays when the view shows less than this fraction of the plane.
+VIEW_FIRST_MAX_FRACTION = 0.5
+
+
+def _box_in_view(viewer, layer: Image) -> tuple | None:
+    """((r0, r1), (c0, c1)): the part of the layer's (Y, X) plane that the canvas shows, or None when it
+    shows most of the plane (or the view cannot be told: 3D display, a canvas not shown yet)."""
+    shape = _full_resolution(layer).shape[-2:]
+    try:
+        if viewer.dims.ndisplay != 2:
+            return None
+        canvas = viewer.window._qt_viewer.canvas.size if getattr(viewer, "window", None) is not None else None
+        height, width = (canvas[0], canvas[1]) if canvas is not None else (0, 0)
+    except (AttributeError, RuntimeError, TypeError, IndexError):
+        return None
+    if height <= 1 or width <= 1:
+        return None
+    zoom = float(viewer.camera.zoom)
+    centre = np.asarray(viewer.camera.center[-2:], dtype=float)
+    half = np.array([height, width], dtype=float) / zoom / 2
+    scale, translate = np.asarray(layer.scale[-2:], float), np.asarray(layer.translate[-2:], float)
+    low = np.floor((centre - half - translate) / scale).astype(int)
+    high = np.ceil((centre + half - translate) / scale).astype(int) + 1
+    low, high = np.clip(low, 0, shape), np.clip(high, 0, shape)
+    if np.any(high <= low) or np.prod(high - low) > VIEW_FIRST_MAX_FRACTION * shape[0] * shape[1]:
+        return None
+    return (int(low[0]), int(high[0])), (int(low[1]), int(high[1]))
+
+
+def _next_plane(viewer, layer: Image, index: tuple) -> tuple | None:
+    """The plane after `index` along the axis the user last moved (for prefetching), or None at the end."""
+    shape = _full_resolution(layer).shape[:-2]
+    if not index:
+        return None
+    axis = getattr(viewer.dims, "last_used", 0) - (viewer.dims.ndim - len(shape) - 2)
+    axis = axis if 0 <= axis < len(shape) else len(shape) - 1
+    following = list(index)
+    following[axis] += 1
+    return tuple(following) if following[axis] < shape[axis] else None
+
+
 def _source_name(layer: Image) -> str:
     state = layer.metadata.get("deepspot") if isinstance(layer.metadata, dict) else None
     return state["source"] if state else layer.name
@@ -387,11 +430,19 @@ def _stack_planes(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     return list(np.ndindex(*shape[:-2])) if len(shape) > 2 else [()]
 
 
-def _enhance_planes_work(holder: CurrentModel, source, planes: list[tuple[int, ...]], tile_size: int):
-    """The worker side of enhancing some planes: publishes (index, result or error) per plane."""
+def _enhance_planes_work(holder: CurrentModel, source, planes: list[tuple[int, ...]], tile_size: int,
+                         view: tuple | None = None):
+    """The worker side of enhancing some planes: publishes (index, result or error, None) per plane; with
+    view ((r0, r1), (c0, c1)) of the first plane, first (index, that part enhanced, None, view)."""
     def work(report, cancelled, publish):
         model = holder.get()
         n = len(planes)
+        if view is not None and planes:
+            try:
+                publish((planes[0], model.enhance_region(np.asarray(source[planes[0]]), *view, cancel=cancelled),
+                         None, view))
+            except (ValueError, TypeError):
+                pass  # a blank plane: the whole-plane pass below says why
         per_plane = [1]
         for k, index in enumerate(planes):
             plane = np.asarray(source[index])
@@ -413,15 +464,25 @@ def _enhance_planes_work(holder: CurrentModel, source, planes: list[tuple[int, .
 
 
 class _PlaneWriter:
-    """GUI-thread side: writes published planes into the enhanced layer if it is still current."""
+    """GUI-thread side: writes published planes (and parts in view) into the enhanced layer if it is
+    still current. Only whole planes count as done (the cache); clear_partial() blanks the parts of a
+    plane whose whole pass never came (cancelled or failed), so no half-filled plane stays."""
 
     def __init__(self, layer: Image, state: dict):
         self.layer, self.state, self.skipped = layer, state, []
+        self.partial: dict[tuple, tuple] = {}  # plane index -> the part shown before the whole plane
 
     def __call__(self, item) -> None:
-        index, result, error = item
+        index, result, error, *view = item
         if self.layer.metadata.get("deepspot") is not self.state:
             return  # the layer was reset (other weights) meanwhile
+        if view and view[0] is not None:
+            (r0, r1), (c0, c1) = view[0]
+            self.layer.data[index][r0:r1, c0:c1] = result
+            self.partial[index] = view[0]
+            self.layer.refresh()
+            return
+        self.partial.pop(index, None)
         if error is not None:
             self.skipped.append(f"plane {index}: {error}")
             self.state["done"].add(index)
@@ -429,6 +490,16 @@ class _PlaneWriter:
         self.layer.data[index] = result
         self.state["done"].add(index)
         self.layer.refresh()
+
+    def clear_partial(self) -> None:
+        if self.layer.metadata.get("deepspot") is not self.state:
+            return
+        for index, ((r0, r1), (c0, c1)) in self.partial.items():
+            if index not in self.state["done"]:
+                self.layer.data[index][r0:r1, c0:c1] = 0
+        if self.partial:
+            self.layer.refresh()
+        self.partial.clear()
 
     def warn_skipped(self) -> None:
         if self.skipped:
@@ -511,8 +582,9 @@ class ModelPanel(Container):
 class EnhanceWidget(Container):
     """Enhance an image layer (2D, z-stack, time series; any size) into "<name> enhanced".
 
-    "Enhance plane in view" enhances the plane the viewer shows, on demand, caching each plane as
-    you move through the stack; "Enhance" (all planes) completes the rest."""
+    "Enhance plane in view" enhances the plane the viewer shows, on demand: the part on screen first,
+    then the whole plane, which is cached; moving on cancels work on a plane no longer in view, and
+    the next plane is prefetched while you look. "Enhance" (all planes) completes the rest."""
 
     def __init__(self, napari_viewer):
         self.viewer = napari_viewer = _unwrap(napari_viewer)
@@ -531,6 +603,7 @@ class EnhanceWidget(Container):
                                   self.status])
         self.all_task: Task | None = None
         self.plane_task: Task | None = None
+        self._plane_index: tuple | None = None  # the plane plane_task works on
         self._pending = False
         self._starting = False
         _watch_layers(napari_viewer, self)
@@ -613,7 +686,9 @@ class EnhanceWidget(Container):
             self._dims_changed()
 
     def _dims_changed(self, *_):
-        """Enhances the plane in view if the on-demand option is on and it is not cached."""
+        """Enhances the plane in view if the on-demand option is on and it is not cached: the part the
+        canvas shows first (Model.enhance_region), then the whole plane, which alone is cached. Work on a
+        plane no longer in view is cancelled; once the plane in view is cached, the next one is prefetched."""
         try:
             if not self.in_view.value:
                 return
@@ -628,9 +703,6 @@ class EnhanceWidget(Container):
             return  # enhance-all covers it
         if self._starting:
             return  # re-entered: adding the enhanced layer changes the dims
-        if self.plane_task is not None and self.plane_task.running:
-            self._pending = True  # looked at again when this plane is done: only the latest view counts
-            return
         self._starting = True
         try:
             out, state = enhanced_target(self.viewer, layer, self.holder)
@@ -640,20 +712,44 @@ class EnhanceWidget(Container):
             return
         finally:
             self._starting = False
-        if index in state["done"]:
+        if self.plane_task is not None and self.plane_task.running:
+            if self._plane_index == index:
+                return  # already at work on it (in view first, or prefetching it)
+            self.plane_task.cancel()  # stale: the plane left the view
+            self._pending = True      # looked at again once it has stopped
             return
+        if index in state["done"]:
+            self._prefetch(layer, out, state, index)
+            return
+        view = _box_in_view(self.viewer, layer)
+        self._start_plane(layer, out, state, index, view)
+
+    def _start_plane(self, layer, out, state, index, view, prefetch: bool = False) -> None:
         writer = _PlaneWriter(out, state)
         where = f"plane {index}" if index else "image"
-        self.status.value = f"enhancing {where} of '{layer.name}' ..."
+        self.status.value = f"{'prefetching' if prefetch else 'enhancing'} {where} of '{layer.name}' ..."
 
         def done(_):
             writer.warn_skipped()  # a blank plane: said once, then left black (it counts as done)
             self.status.value = f"'{out.name}': {len(state['done'])} plane(s) cached"
-        self.plane_task = Task(f"Enhancing {where} of '{layer.name}'",
+
+        def ended():
+            if self.plane_task is not None and self.plane_task.outcome != "done":
+                writer.clear_partial()
+            self._task_ended()
+            if self.plane_task is not None and self.plane_task.outcome == "done" and not self._pending:
+                self._dims_changed()  # the plane in view is cached now: prefetch the next one
+        self._plane_index = index
+        self.plane_task = Task(f"{'Prefetching' if prefetch else 'Enhancing'} {where} of '{layer.name}'",
                                _enhance_planes_work(self.holder, _full_resolution(layer), [index],
-                                                    self.tile_size.value),
-                               on_partial=writer, on_result=done, on_end=self._task_ended)
+                                                    self.tile_size.value, view),
+                               on_partial=writer, on_result=done, on_end=ended, quiet_cancel=True)
         self._update_buttons()
+
+    def _prefetch(self, layer, out, state, index) -> None:
+        following = _next_plane(self.viewer, layer, index)
+        if following is not None and following not in state["done"]:
+            self._start_plane(layer, out, state, following, None, prefetch=True)
 
 
 # ----------------------------------------------------------------------------- Detect

@@ -98,16 +98,15 @@ def test_zstack_plane_in_view_on_demand_then_all_planes(viewer, qtbot, rng, mode
     assert widget.run_button.text == "Enhance all planes"
     viewer.dims.set_current_step(0, 1)  # z step 1 (world z = 3) -> plane 1
     widget.in_view.value = True
-    wait_task(qtbot, widget, "plane_task")
     out = viewer.layers["stack enhanced"]
     state = out.metadata["deepspot"]
-    assert state["done"] == {(1,)}
+    # the plane in view, then the next one prefetched while we look
+    qtbot.waitUntil(lambda: state["done"] == {(1,), (2,)} and not widget.plane_task.running, timeout=TIMEOUT_MS)
     expected = model.enhance(stack)
-    np.testing.assert_allclose(out.data[1], expected[1], atol=1e-5)
-    assert not out.data[0].any() and not out.data[2].any()
-    viewer.dims.set_current_step(0, 2)  # moving through the stack enhances the new plane
-    qtbot.waitUntil(lambda: (2,) in state["done"], timeout=TIMEOUT_MS)
-    wait_task(qtbot, widget, "plane_task")
+    np.testing.assert_allclose(out.data[1:], expected[1:], atol=1e-5)
+    assert not out.data[0].any()
+    viewer.dims.set_current_step(0, 2)  # a prefetched plane: nothing to do (and no plane after it)
+    assert not widget.plane_task.running
     viewer.dims.set_current_step(0, 1)  # back to a cached plane: nothing to do
     assert not widget.plane_task.running and state["done"] == {(1,), (2,)}
     widget.in_view.value = False
@@ -117,6 +116,71 @@ def test_zstack_plane_in_view_on_demand_then_all_planes(viewer, qtbot, rng, mode
     np.testing.assert_allclose(out.data, expected, atol=1e-5)
     assert out.scale[0] == 3
     assert errors(messages) == []
+
+
+def _zoom_to(viewer, box):
+    """Camera on the (Y, X) box ((r0, r1), (c0, c1)) of the data, which then fills the canvas."""
+    (r0, r1), (c0, c1) = box
+    viewer.camera.center = (viewer.camera.center[0], (r0 + r1) / 2, (c0 + c1) / 2)
+    height, width = viewer.window._qt_viewer.canvas.size
+    viewer.camera.zoom = min(height / (r1 - r0), width / (c1 - c0))
+
+
+def test_view_first_shows_the_view_then_caches_the_whole_plane(viewer, qtbot, rng, model, monkeypatch):
+    stack = np.stack([np.tile(simulated(rng, 128, 30)[0], (3, 3)) for _ in range(2)])  # 2 x 384 x 384
+    viewer.add_image(stack, name="big")
+    widget = EnhanceWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    _zoom_to(viewer, ((140, 240), (150, 250)))
+    regions = []
+    original = Model.enhance_region
+
+    def spy(self, plane, rows, cols, **kwargs):
+        regions.append((rows, cols))
+        return original(self, plane, rows, cols, **kwargs)
+    monkeypatch.setattr(Model, "enhance_region", spy)
+    viewer.dims.set_current_step(0, 0)
+    widget.in_view.value = True
+    out = viewer.layers["big enhanced"]
+    state = out.metadata["deepspot"]
+    qtbot.waitUntil(lambda: state["done"] == {(0,), (1,)} and not widget.plane_task.running, timeout=TIMEOUT_MS)
+    (r0, r1), (c0, c1) = regions[0]  # the part in view came first (the prefetched plane 1 has no view)
+    assert len(regions) == 1 and r0 <= 140 and r1 >= 240 and c0 <= 150 and c1 >= 250 and (r1 - r0) < 300
+    # the cached planes are the whole-plane result
+    np.testing.assert_allclose(out.data, model.enhance(stack), atol=1e-5)
+    # and the part in view alone agrees with it
+    part = model.enhance_region(stack[0], (r0, r1), (c0, c1))
+    np.testing.assert_allclose(part, out.data[0, r0:r1, c0:c1], atol=1e-5)
+
+
+def test_leaving_a_plane_cancels_its_work_and_leaves_no_half_filled_plane(viewer, qtbot, rng, model):
+    from deepspot_napari.errors import Cancelled
+    stack = np.stack([np.tile(simulated(rng, 128, 30)[0], (3, 3)) for _ in range(3)])
+    viewer.add_image(stack, name="big")
+    widget = EnhanceWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    _zoom_to(viewer, ((100, 200), (100, 200)))
+    slow = Model.load()  # its whole-plane pass waits until cancelled: the part in view is all it shows
+
+    def enhance(image, *, cancel=None, **kwargs):
+        while not cancel():
+            time.sleep(0.01)
+        raise Cancelled("enhancement cancelled")
+    slow.enhance = enhance
+    widget.holder.set(slow, "slow")
+    viewer.dims.set_current_step(0, 0)
+    widget.in_view.value = True
+    out = viewer.layers["big enhanced"]
+    state = out.metadata["deepspot"]
+    qtbot.waitUntil(lambda: out.data[0].any(), timeout=TIMEOUT_MS)  # the part in view is shown
+    first = widget.plane_task
+    viewer.dims.set_current_step(0, 2)  # moving on cancels plane 0's work ...
+    qtbot.waitUntil(lambda: first.outcome == "cancelled", timeout=TIMEOUT_MS)
+    assert (0,) not in state["done"] and not out.data[0].any()  # ... and leaves nothing half filled
+    qtbot.waitUntil(lambda: out.data[2].any(), timeout=TIMEOUT_MS)  # plane 2's view comes next
+    widget.cancel()
+    wait_task(qtbot, widget, "plane_task")
+    assert state["done"] == set() and not out.data.any()
 
 
 def test_time_series_of_zstacks_plane_in_view(viewer, qtbot, rng, model):
@@ -342,15 +406,18 @@ def test_detect_widget_shows_the_models_own_detection_defaults(viewer, tmp_path)
 
 
 def test_device_choices_are_the_working_devices(viewer, messages):
-    """Without a simulated GPU: "auto" and "cpu" (plus "cuda" only if one works here), the resolved
-    device's description as the tooltip, and a setting the Model refuses (TF32 on the CPU) reported
+    """Without a simulated GPU: "auto" and "cpu" (plus "cuda" only if one works here), the precision menu
+    shown only where there is a choice, the resolved device's description as the tooltip, and a setting
+    the Model refuses (TF32 on the CPU) reported
     as a notification with the choice put back."""
     from deepspot_napari.devices import probe
     enhance = EnhanceWidget(viewer)
     panel, holder = enhance.model_panel, current_model(viewer)
     gpu_works = probe("cuda")[0]
     assert list(panel.device.choices) == ["auto", "cpu"] + (["cuda"] if gpu_works else [])
-    assert panel.device.value == "auto" and panel.precision.native.isHidden() != gpu_works  # TF32: GPU only
+    from deepspot_napari.devices import cpu_has_bf16
+    # the precision menu shows where there is a choice: TF32 on a GPU, bf16 on a CPU with bf16 instructions
+    assert panel.device.value == "auto" and panel.precision.native.isHidden() != (gpu_works or cpu_has_bf16())
     resolved = "cuda" if gpu_works else "cpu"
     assert panel.device.tooltip == f"runs on {resolved}: {probe(resolved)[1]}"
     panel.device.value = "cpu"
