@@ -81,6 +81,26 @@ def test_tiled_2048_image_equals_the_whole_image_pass(model):
     assert np.max(np.abs(tiled - whole)) <= 1e-6
 
 
+def test_region_equals_the_whole_plane_pass(model, rng):
+    """enhance_region: only the stages' needed parts, same pixels as enhance(plane) (float32 rounding);
+    regions inside, at every edge, unaligned to the 8 px grid, of an odd-sized plane."""
+    plane = (rng.random((523, 610)) * 1000).astype(np.uint16)
+    whole = model.enhance(plane, tile_size=None)
+    for _ in range(6):
+        r0, c0 = int(rng.integers(0, 500)), int(rng.integers(0, 590))
+        r1, c1 = int(rng.integers(r0 + 1, 524)), int(rng.integers(c0 + 1, 611))
+        np.testing.assert_allclose(model.enhance_region(plane, (r0, r1), (c0, c1)), whole[r0:r1, c0:c1], atol=2e-6)
+    np.testing.assert_allclose(model.enhance_region(plane, (0, 523), (0, 610)), whole, atol=2e-6)
+    with pytest.raises(ValueError, match="inside the plane"):
+        model.enhance_region(plane, (10, 10), (0, 5))
+    with pytest.raises(ValueError, match="inside the plane"):
+        model.enhance_region(plane, (0, 524), (0, 5))
+    with pytest.raises(ValueError, match="one 2D plane"):
+        model.enhance_region(plane[None], (0, 5), (0, 5))
+    with pytest.raises(Cancelled):
+        model.enhance_region(plane, (0, 5), (0, 5), cancel=lambda: True)
+
+
 def test_odd_sizes_and_small_images(model, rng):
     for shape in [(300, 277), (31, 45), (1, 9)]:
         image = rng.random(shape).astype(np.float32) + 0.1
