@@ -352,10 +352,9 @@ def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=N
             kept[i] = False
             skipped.append((c, "no spots in its cytoplasm, so no relative density"))
     in_kept = (cell_of_spot >= 0) & kept[np.maximum(cell_of_spot, 0)] if len(cell_of_spot) else np.zeros(0, bool)
-    if bin_map is not None:
-        keep_pixel = bin_map >= 0
-        bin_map = np.where(keep_pixel, bin_map + 1, 0).astype(np.int32)
-        bin_map[np.isin(bin_map * 0 + cell_ids, measured_ids[use][~kept])] = 0
+    if bin_map is not None:  # section + 1 of the kept cells' cytoplasm, 0 elsewhere
+        bin_map = np.where(bin_map >= 0, bin_map + 1, 0).astype(np.int32)
+        bin_map[np.isin(cell_ids, measured_ids[use][~kept])] = 0
     return CellTable(labels=measured_labels[kept], nuclei=nucleus_of[use][kept], centroids=centroids[use][kept],
                      directions=np.degrees(theta[use][kept]) % 360, areas=area[kept], counts=count[kept],
                      skipped=skipped, notes=notes, spots_outside=int(len(points) - in_kept.sum()),

@@ -185,16 +185,20 @@ def test_bad_cells_are_reported_and_the_others_counted():
     cells[f["cells"] == 3] = 0
     cells[np.isin(nuclei, [3])] = 3                   # cell 3: only its nucleus, no cytoplasm
     spots = np.concatenate([f["spots"], [[0.0, 0.0], [-50.0, 10.0]]])  # one in the background, one outside
-    t = P.measure_cells(spots, cells, nuclei, angle=90)
+    iy, ix = np.rint(spots).astype(int).T.clip(0, np.array(cells.shape)[:, None] - 1)
+    spots = spots[cells[iy, ix] != 4]                 # cell 4: no spots
+    t = P.measure_cells(spots, cells, nuclei, angle=90, section_map=True)
     reasons = dict(t.skipped)
     assert reasons[1] == "no nucleus"
     assert reasons[2].startswith("2 nuclei")
     assert "no cytoplasm" in reasons[3] or "no spots" in reasons[3]
     assert any("nucleus 77" in n for n in t.notes)
-    assert set(t.labels) == set(range(4, 13))
+    assert reasons[4].startswith("no spots")
+    assert set(t.labels) == set(range(5, 13))
+    assert not t.section_map[np.isin(cells, [1, 2, 3, 4])].any() and t.section_map[cells == 5].any()
     assert t.spots_outside >= 2 and any("lie in no measured cytoplasm" in m for m in t.messages)
     rows = t.rows(group="g", field="f")
-    assert len(rows) == 9 + 3 and rows[-1]["status"].startswith("skipped")
+    assert len(rows) == 8 + 4 and rows[-1]["status"].startswith("skipped")
 
 
 def test_bad_input_raises_with_the_reason():
