@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,14 +57,18 @@ def test_auto_is_float32_without_bf16(monkeypatch):
         Model.load(device="cpu", precision="bf16")
 
 
-def test_bf16_refused_by_the_c_core_where_the_cpu_lacks_it():
+def test_bf16_refused_by_the_c_core_where_the_cpu_lacks_it(tmp_path):
     # oneDNN limited to AVX-512 without BF16: the C core itself says why it cannot
     code = ("from deepspot_napari import _core, bundled\n"
             "print(_core.cpu_has_bf16())\n"
             "try:\n    _core.Network(str(bundled.bundled_weights_path()), math='bf16')\n"
             "except ValueError as e:\n    print('refused:', e)\n")
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    import deepspot_napari
+    # the package this test imported (the working tree or the installed one), from a neutral folder
+    home = str(Path(deepspot_napari.__file__).resolve().parents[1])
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", PYTHONPATH=home)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "False"
     assert "refused: bf16 needs a CPU with AVX512-BF16" in out.stdout

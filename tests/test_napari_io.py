@@ -26,7 +26,7 @@ def test_manifest_validates_and_every_command_imports():
     manifest.validate_imports()  # what `npe2 validate --imports` checks
     contributions = manifest.contributions
     assert {w.display_name for w in contributions.widgets} == {"Enhance spots", "Detect spots",
-                                                                "Train on annotated layers"}
+                                                                "Train on annotated layers", "Polarity"}
     assert [s.key for s in contributions.sample_data] == ["smfish"]
     assert contributions.readers[0].filename_patterns == ["*.csv"]
     assert contributions.writers[0].layer_types == ["points"]
