@@ -20,9 +20,10 @@ from .errors import Cancelled
 from .images import as_image_stack, scale_plane
 
 SIZE_MULTIPLE = 8  # three stride-2 stages down and up
-# Windows of 768 px, one at a time: on a 2048x2048 image the fastest setting measured (4.2 s against
-# 5.0 s for 512 px windows in batches of 4) and the smaller peak memory (0.8 against 1.1 GiB).
-DEFAULT_TILE_SIZE = 768
+# Windows of 1056 px, one at a time: a 2048x2048 plane in two windows per side (1024 + the encoder's
+# 32 px halo), 1.02x the time of one whole pass in float32 (768 px: three per side, 1.14x) with 0.9
+# GiB peak memory (768 px: 0.7; a whole pass: 2.3); docs/benchmarks.md.
+DEFAULT_TILE_SIZE = 1056
 DEFAULT_BATCH_SIZE = 1
 
 

@@ -251,7 +251,7 @@ def test_help_shows_the_defaults(capsys):
     model_default = "(default: the model's own, see docs/detection_defaults.md)"
     run = help_text(capsys, "run")
     assert all(model_default in run.split(flag)[2] for flag in ("--method", "--threshold", "--min-distance", "--subpixel"))
-    assert "--tile-size TILE_SIZE window side" in run and "(default: 768)" in run.split("--tile-size")[2]
+    assert "--tile-size TILE_SIZE window side" in run and "(default: 1056)" in run.split("--tile-size")[2]
     detect = help_text(capsys, "detect")  # the enhancing model's own (--weights)
     assert all(model_default in detect.split(flag)[2] for flag in ("--method", "--threshold", "--subpixel"))
     assert "the model that enhanced the images" in detect.split("--weights")[2]
