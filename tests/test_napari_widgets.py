@@ -37,7 +37,7 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def model():
-    return Model.load()
+    return Model.load(precision="auto")  # the widgets' default precision
 
 
 @pytest.fixture
@@ -423,7 +423,7 @@ def test_device_choices_are_the_working_devices(viewer, messages):
     panel.device.value = "cpu"
     panel.precision.value = "tf32"
     assert "precision tf32: precision 'tf32' needs the GPU backend" in errors(messages)[-1]
-    assert (holder.device, holder.precision, panel.precision.value) == ("cpu", "float32", "float32")
+    assert (holder.device, holder.precision, panel.precision.value) == ("cpu", "auto", "auto")
 
 
 def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatch):
@@ -451,7 +451,7 @@ def test_device_and_precision_choices_reach_model_load(viewer, model, monkeypatc
     detect.model_panel.device.value = "cuda"
     train.model_panel.precision.value = "tf32"
     bundled = bundled_weights_path().resolve()  # the default bundled model
-    assert loads == [(bundled, "cuda", "float32"), (bundled, "cuda", "tf32")]
+    assert loads == [(bundled, "cuda", "auto"), (bundled, "cuda", "tf32")]
     assert (holder.device, holder.precision) == ("cuda", "tf32") and holder.version == version + 2
     assert enhance.model_panel.device.value == "cuda" and enhance.model_panel.precision.value == "tf32"
     assert holder.copy() is model and loads[-1] == ("general", "cuda", "tf32")  # what Train fine-tunes
@@ -505,7 +505,8 @@ def test_annotate_train_then_enhance_with_the_new_model(viewer, qtbot, rng, tmp_
     train.save_path.value = str(tmp_path / "tuned.safetensors")
     train.save_button.clicked.emit()
     assert (tmp_path / "tuned.safetensors").is_file() and "not saved" not in enhance.model_panel.info.value
-    np.testing.assert_allclose(Model.load(tmp_path / "tuned.safetensors").enhance(image), after, atol=1e-5)
+    np.testing.assert_allclose(Model.load(tmp_path / "tuned.safetensors", precision="auto").enhance(image), after,
+                               atol=1e-5)
     assert errors(messages) == []
 
 
