@@ -103,6 +103,18 @@ def _run_windows(run_batch, source: np.ndarray, target: np.ndarray, window: int,
         step()
 
 
+def _padded_geometry(shape: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(padded shape, trunk cells) of a plane: its sides rounded up to a multiple of 8, and that over 8."""
+    padded = tuple(-(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE for n in shape)
+    return padded, (padded[0] // SIZE_MULTIPLE, padded[1] // SIZE_MULTIPLE)
+
+
+def _pad_plane(scaled: np.ndarray, padded_shape: tuple[int, int]) -> np.ndarray:
+    """The scaled plane mirror-padded at its end to padded_shape (the network's input)."""
+    h, w = scaled.shape
+    return np.pad(scaled, ((0, padded_shape[0] - h), (0, padded_shape[1] - w)), mode="symmetric")
+
+
 def _count_windows(shape: tuple[int, int], window: int, halo: int, batch_size: int) -> int:
     n = len(_windows(shape[0], window, halo)) * len(_windows(shape[1], window, halo))
     return -(-n // batch_size)
@@ -235,8 +247,7 @@ class Model:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         planes = image.reshape((-1,) + image.shape[-2:])
-        padded_shape = tuple(-(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE for n in planes.shape[-2:])
-        cells = (padded_shape[0] // SIZE_MULTIPLE, padded_shape[1] // SIZE_MULTIPLE)
+        padded_shape, cells = _padded_geometry(planes.shape[-2:])
         if tile_size is None:
             windows = (max(padded_shape), max(cells), max(cells))
         else:
@@ -259,7 +270,7 @@ class Model:
             where = "image" if len(planes) == 1 else f"plane {index} of the stack"
             scaled = scale_plane(plane, where, max_value)
             h, w = scaled.shape
-            padded = np.pad(scaled, ((0, padded_shape[0] - h), (0, padded_shape[1] - w)), mode="symmetric")
+            padded = _pad_plane(scaled, padded_shape)
             features = np.empty(cells + (384,), np.float32)
             _run_windows(lambda b: self.forward(b, ENCODER, ENCODER), padded[..., None], features,
                          windows[0], ENCODER_HALO_PX, 1 / SIZE_MULTIPLE, batch_size, step)
@@ -287,9 +298,7 @@ class Model:
         (r0, r1), (c0, c1) = (int(v) for v in rows), (int(v) for v in cols)
         if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
             raise ValueError(f"region rows {rows}, cols {cols} must be non-empty and inside the plane {plane.shape}")
-        scaled = scale_plane(plane)
-        padded_shape = tuple(-(-n // SIZE_MULTIPLE) * SIZE_MULTIPLE for n in (h, w))
-        cells = (padded_shape[0] // SIZE_MULTIPLE, padded_shape[1] // SIZE_MULTIPLE)
+        padded_shape, cells = _padded_geometry((h, w))
 
         def grow(span, by, limit):
             return max(span[0] - by, 0), min(span[1] + by, limit)
@@ -301,7 +310,7 @@ class Model:
                       for (a, b), n in zip(trunk_in, padded_shape)]
         # the crop of the padded plane: the plane's own pixels, mirrored past its end as enhance pads it
         (y0, y1), (x0, x1) = encoder_in
-        crop = np.pad(scaled, ((0, padded_shape[0] - h), (0, padded_shape[1] - w)), mode="symmetric")[y0:y1, x0:x1]
+        crop = _pad_plane(scale_plane(plane), padded_shape)[y0:y1, x0:x1]
 
         def stage(batch, which, take, have):
             if cancel is not None and cancel():
