@@ -66,7 +66,8 @@ class PolarityWidget(Container):
                                       "the wound) or the angle below")
         self.angle = FloatSpinBox(label="angle (deg)", value=90.0, min=-360.0, max=360.0, step=5.0,
                                   tooltip="the wound's direction: 0 = right, 90 = up on screen")
-        self.sections = SpinBox(label="sections", value=polarity.DEFAULT_SECTIONS, min=2, max=36)
+        self.sections = SpinBox(label="sections", value=polarity.DEFAULT_SECTIONS, min=polarity.SECTIONS_RANGE[0],
+                                max=polarity.SECTIONS_RANGE[1])
         self.rotate = CheckBox(text="rotate sections to the densest (DypFISH)", value=False)
         self.run_button = PushButton(text="Analyse polarity")
         self.status = Label(value="")
@@ -74,9 +75,9 @@ class PolarityWidget(Container):
         self.figure = QLabel()
         self.save_folder = FileEdit(label="save to", mode="d")
         self.save_button = PushButton(text="Save cells.csv, summary.csv, polarity.png", enabled=False)
-        super().__init__(widgets=[self.spots, self.cells, self.nuclei, self.compartments, self.dapi, self.segment_button, self.wound,
-                                  self.angle, self.sections, self.rotate, self.run_button, self.status, self.table,
-                                  self.save_folder, self.save_button])
+        super().__init__(widgets=[self.spots, self.cells, self.nuclei, self.compartments, self.dapi,
+                                  self.segment_button, self.wound, self.angle, self.sections, self.rotate,
+                                  self.run_button, self.status, self.table, self.save_folder, self.save_button])
         self.native.layout().insertWidget(self.native.layout().count() - 2, self.figure)
         self.result: tuple | None = None
         _watch_layers(napari_viewer, self)

@@ -36,6 +36,7 @@ __all__ = ["CellTable", "PolarityIndex", "GroupPolarity", "measure_cells", "pola
            "simulated_field"]
 
 DEFAULT_SECTIONS = 3          # the paper's three 120-degree sections
+SECTIONS_RANGE = (2, 36)      # at least a wound side and a far side; at most 10-degree sections
 BOOTSTRAP_REPLICATES = 100    # DypFISH's and the paper's
 BOOTSTRAP_SAMPLE_SIZE = 400   # DypFISH's mpi_sample_size
 ROTATION_STEP_DEGREES = 1     # DypFISH turns its quadrants in one-degree steps
@@ -250,9 +251,9 @@ def _match_nuclei(cell_ids, cell_labels, nucleus_ids, nucleus_labels, compartmen
             notes.append(f"nucleus {nucleus_labels[n]} has no cytoplasm of the same label; it is ignored")
     nuclei_per_cell = np.bincount(owner[1:], minlength=len(cell_labels))
     nucleus_of = np.zeros(len(cell_labels), np.int64)
-    single = np.flatnonzero(nuclei_per_cell == 1)
-    has = np.flatnonzero(owner > 0)
-    nucleus_of[owner[has]] = has  # cells with several nuclei get one of them here, and 0 below
+    owned = np.flatnonzero(owner > 0)
+    alone = owned[nuclei_per_cell[owner[owned]] == 1]  # the nuclei that are their cell's only one
+    nucleus_of[owner[alone]] = alone
     for c in range(1, len(cell_labels)):
         if nuclei_per_cell[c] == 0:
             skipped.append((int(cell_labels[c]), "no nucleus"))
@@ -260,13 +261,7 @@ def _match_nuclei(cell_ids, cell_labels, nucleus_ids, nucleus_labels, compartmen
             found = sorted(int(nucleus_labels[n]) for n in np.flatnonzero(owner == c))
             skipped.append((int(cell_labels[c]), f"{len(found)} nuclei ({', '.join(map(str, found))}); "
                                                  "one per cell is needed"))
-    nucleus_of[np.setdiff1d(np.arange(len(cell_labels)), single)] = 0
     return nucleus_of, skipped, notes
-
-
-def _histograms(cell_of_pixel, centroids, origins, bins, spots, with_map=False):
-    return _core.polarity_histograms(np.ascontiguousarray(cell_of_pixel, np.int32), np.ascontiguousarray(centroids),
-                                     np.ascontiguousarray(origins, np.float64), int(bins), spots, with_map)
 
 
 def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=None, wound=None,
@@ -288,8 +283,8 @@ def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=N
     if compartments not in COMPARTMENTS:
         raise ValueError(f"compartments must be one of {COMPARTMENTS}, got {compartments!r}")
     sections = int(sections)
-    if sections < 2 or sections > 36:
-        raise ValueError(f"sections must be between 2 and 36, got {sections}")
+    if not SECTIONS_RANGE[0] <= sections <= SECTIONS_RANGE[1]:
+        raise ValueError(f"sections must be between {SECTIONS_RANGE[0]} and {SECTIONS_RANGE[1]}, got {sections}")
     if rotate and 360 % sections:
         raise ValueError(f"rotate needs sections that divide 360 degrees (e.g. 3 or 4), got {sections}")
     cells, nuclei = _label_image(cells, "cells"), _label_image(nuclei, "nuclei")
@@ -316,21 +311,23 @@ def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=N
         skipped.append((c, "the wound is at its nucleus centroid, so it has no direction"))
     width = 2 * math.pi / sections
 
-    def histograms(use, origins, bins, with_map=False):
-        row_of_cell = np.full(len(cell_labels), -1, np.int32)  # cell id -> row of the cells measured
-        row_of_cell[measured_ids[use]] = np.arange(int(use.sum()), dtype=np.int32)
-        cell_of_pixel = row_of_cell[cell_ids]
-        if compartments == "whole":
-            cell_of_pixel[nucleus_ids > 0] = -1
-        return _histograms(cell_of_pixel, centroids[use], origins, bins, points, with_map)
+    use = defined
+    row_of_cell = np.full(len(cell_labels), -1, np.int32)  # cell id -> row of the cells measured
+    row_of_cell[measured_ids[use]] = np.arange(int(use.sum()), dtype=np.int32)
+    cell_of_pixel = row_of_cell[cell_ids]
+    if compartments == "whole":
+        cell_of_pixel[nucleus_ids > 0] = -1
 
-    use = defined.copy()
+    def histograms(origins, bins, with_map=False):  # the C pass (csrc/polarity.c)
+        return _core.polarity_histograms(cell_of_pixel, np.ascontiguousarray(centroids[use]),
+                                         np.ascontiguousarray(origins, np.float64), int(bins), points, with_map)
+
     if rotate and use.any():
         # one-degree bins from half a section before the reference section's earliest start
         steps = 360
         step_width = 360 // sections
         origins = theta[use] - width
-        area, count, _, _ = histograms(use, origins, steps)
+        area, count, _, _ = histograms(origins, steps)
         # window k covers bins [k, k + step_width): the reference section centred at theta - width/2 + k degrees,
         # k = 0 .. step_width - 1, so it always contains theta
         windows = np.arange(step_width)
@@ -341,7 +338,7 @@ def measure_cells(spots, cells, nuclei, *, angle: float | None = None, towards=N
         best = density.argmax(1)
         theta = theta.copy()
         theta[use] = theta[use] - width / 2 + np.radians(best * ROTATION_STEP_DEGREES)
-    area, count, cell_of_spot, bin_map = histograms(use, theta[use] - width / 2, sections, section_map)
+    area, count, cell_of_spot, bin_map = histograms(theta[use] - width / 2, sections, section_map)
     kept = np.ones(len(area), bool)
     measured_labels = labels[use]
     for i, c in enumerate(measured_labels.tolist()):
