@@ -33,7 +33,9 @@
 /* Sets the exception for rc (OSError, ValueError, MemoryError, KeyboardInterrupt or RuntimeError) with
  * ds_last_error()'s message; returns NULL. */
 PyObject *ds_py_raise(ds_status rc);
-/* A C-contiguous float32 array of the given ndim, or NULL with a TypeError/ValueError set. */
+/* A C-contiguous array of NumPy type `type` (NPY_FLOAT32, NPY_INT32, ...) and the given ndim, or NULL with a
+ * TypeError set (another type or ndim) or a ValueError. ds_py_float32_array: the float32 case. */
+PyArrayObject *ds_py_typed_array(PyObject *obj, int type, int ndim, const char *what);
 PyArrayObject *ds_py_float32_array(PyObject *obj, int ndim, const char *what);
 /* A zeroed float32 array [n, h, w, c]. */
 PyArrayObject *ds_py_new_nhwc(npy_intp n, npy_intp h, npy_intp w, npy_intp c);

@@ -4,16 +4,6 @@
 
 #include "polarity.h"
 
-static PyArrayObject *typed_array(PyObject *obj, int type, int ndim, const char *what)
-{
-    PyArrayObject *array = (PyArrayObject *)PyArray_FROMANY(obj, type, ndim, ndim, NPY_ARRAY_IN_ARRAY);
-    if (!array && PyErr_ExceptionMatches(PyExc_ValueError)) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s must be a %d-dimensional array", what, ndim);
-    }
-    return array;
-}
-
 static PyObject *py_polarity_histograms(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"cell_of_pixel", "centroids", "origins", "bins", "spots", "with_map", NULL};
@@ -25,10 +15,10 @@ static PyObject *py_polarity_histograms(PyObject *self, PyObject *args, PyObject
     PyArrayObject *cells = NULL, *centroids = NULL, *origins = NULL, *spots = NULL;
     PyArrayObject *area = NULL, *counts = NULL, *cell_of_spot = NULL, *bin_map = NULL;
     PyObject *result = NULL;
-    if (!(cells = typed_array(cells_obj, NPY_INT32, 2, "cell_of_pixel")) ||
-        !(centroids = typed_array(centroids_obj, NPY_FLOAT64, 2, "centroids")) ||
-        !(origins = typed_array(origins_obj, NPY_FLOAT64, 1, "origins")) ||
-        !(spots = typed_array(spots_obj, NPY_FLOAT64, 2, "spots")))
+    if (!(cells = ds_py_typed_array(cells_obj, NPY_INT32, 2, "cell_of_pixel")) ||
+        !(centroids = ds_py_typed_array(centroids_obj, NPY_FLOAT64, 2, "centroids")) ||
+        !(origins = ds_py_typed_array(origins_obj, NPY_FLOAT64, 1, "origins")) ||
+        !(spots = ds_py_typed_array(spots_obj, NPY_FLOAT64, 2, "spots")))
         goto done;
     npy_intp n_cells = PyArray_DIM(origins, 0), n_spots = PyArray_DIM(spots, 0);
     if (PyArray_DIM(centroids, 0) != n_cells || PyArray_DIM(centroids, 1) != 2) {

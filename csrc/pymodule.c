@@ -27,14 +27,24 @@ PyObject *ds_py_raise(ds_status rc)
     return NULL;
 }
 
-PyArrayObject *ds_py_float32_array(PyObject *obj, int ndim, const char *what)
+PyArrayObject *ds_py_typed_array(PyObject *obj, int type, int ndim, const char *what)
 {
-    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != type ||
         PyArray_NDIM((PyArrayObject *)obj) != ndim) {
-        PyErr_Format(PyExc_TypeError, "%s must be a float32 numpy array with %d dimensions", what, ndim);
+        PyArray_Descr *descr = PyArray_DescrFromType(type);
+        const char *name = descr ? descr->typeobj->tp_name : "numeric", *dot = strrchr(name, '.');
+        name = dot ? dot + 1 : name;
+        PyErr_Format(PyExc_TypeError, "%s must be %s %s numpy array with %d dimensions", what,
+                     strchr("aeiou", name[0]) ? "an" : "a", name, ndim);
+        Py_XDECREF(descr);
         return NULL;
     }
-    return (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+    return (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
+}
+
+PyArrayObject *ds_py_float32_array(PyObject *obj, int ndim, const char *what)
+{
+    return ds_py_typed_array(obj, NPY_FLOAT32, ndim, what);
 }
 
 PyArrayObject *ds_py_new_nhwc(npy_intp n, npy_intp h, npy_intp w, npy_intp c)

@@ -62,6 +62,8 @@ def test_histograms_reject_bad_arguments():
         _core.polarity_histograms(cells, np.full((1, 2), np.nan), np.zeros(1), 3, np.zeros((0, 2)))
     with pytest.raises(ValueError, match="bins"):
         _core.polarity_histograms(cells, np.zeros((1, 2)), np.zeros(1), 0, np.zeros((0, 2)))
+    with pytest.raises(TypeError, match="cell_of_pixel must be an int32 numpy array with 2 dimensions"):
+        _core.polarity_histograms(cells.astype(float), np.zeros((1, 2)), np.zeros(1), 3, np.zeros((0, 2)))
 
 
 def test_dypfish_test_vector():
