@@ -183,12 +183,19 @@ static ds_status nhwc_desc(dnnl_memory_desc_t *md, int n, int c, int h, int w)
     return DS_OK;
 }
 
-/* A caller-buffer argument: the handle is set on each execution. */
+/* A caller buffer of the op (io[n_io]): the handle is set on each execution. */
+static ds_status new_io(ds_op *op, const_dnnl_memory_desc_t md, dnnl_memory_t *mem)
+{
+    DNNL_TRY(dnnl_memory_create(mem, md, op->backend->engine, DNNL_MEMORY_NONE), "memory");
+    op->io[op->n_io++] = *mem;
+    return DS_OK;
+}
+
+/* A caller-buffer argument of the primitive. */
 static ds_status add_io(ds_op *op, int arg, const_dnnl_memory_desc_t md)
 {
     dnnl_memory_t mem;
-    DNNL_TRY(dnnl_memory_create(&mem, md, op->backend->engine, DNNL_MEMORY_NONE), "memory");
-    op->io[op->n_io++] = mem;
+    DS_TRY(new_io(op, md, &mem));
     op->args[op->nargs++] = (dnnl_exec_arg_t){arg, mem};
     return DS_OK;
 }
@@ -274,8 +281,7 @@ static ds_status add_bf16_input(ds_op *op, const_dnnl_memory_desc_t f32_md, cons
         b->bf16_scratch_bytes = bytes;
     }
     dnnl_memory_t input;
-    DNNL_TRY(dnnl_memory_create(&input, f32_md, b->engine, DNNL_MEMORY_NONE), "memory");
-    op->io[op->n_io++] = input;
+    DS_TRY(new_io(op, f32_md, &input));
     DNNL_TRY(dnnl_memory_create(&op->bf16_src, bf16_md, b->engine, DNNL_MEMORY_NONE), "memory");
     op->args[op->nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SRC, op->bf16_src};
     dnnl_primitive_desc_t reorder_pd;
