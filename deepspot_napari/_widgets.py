@@ -38,7 +38,7 @@ from qtpy.QtGui import QColor, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
 from .detect import DEFAULT_DETECTION, METHODS, SUBPIXEL_MODES, DetectionParams, detect_spots
-from .devices import PRECISIONS, available_devices, cpu_has_bf16, gpu_not_trusted, probe, resolve_device
+from .devices import PRECISIONS, available_devices, gpu_not_trusted, precision_choices, probe, resolve_device
 from .io import write_bytes
 from .model import (BUNDLED_WEIGHTS, DEFAULT_MODEL, DEFAULT_TILE_SIZE, Cancelled, Model, bundled_models,
                     bundled_weights_path, detection_defaults)
@@ -519,7 +519,7 @@ class ModelPanel(Container):
         choices = device_choices()
         self.device = ComboBox(label="device", choices=choices, value=holder.device)
         self.precision = ComboBox(label="precision", choices=list(PRECISIONS), value=holder.precision,
-                                  visible="cuda" in choices or cpu_has_bf16(),
+                                  visible=any(len(precision_choices(d)) > 2 for d in choices if d != "auto"),
                                   tooltip="tf32: TF32 tensor-core convolutions on the GPU; bf16: bf16 convolutions "
                                           "on the CPU (both faster, less exact); auto: bf16 where it runs")
         self.load_button = PushButton(text="Load weights")
