@@ -608,7 +608,7 @@ class PolarityField:
 
 def _polarity_field(text: str) -> PolarityField:
     """[GROUP=]SPOTS,CELLS,NUCLEI[,WOUND]"""
-    group, _, rest = text.rpartition("=") if "=" in text.split(",")[0] else ("", "", text)
+    group, _, rest = text.partition("=") if "=" in text.split(",")[0] else ("", "", text)
     parts = rest.split(",")
     if len(parts) not in (3, 4) or not all(parts):
         raise argparse.ArgumentTypeError(f"expected [GROUP=]SPOTS,CELLS,NUCLEI[,WOUND], got {text!r}")
